@@ -1,0 +1,189 @@
+//! Validated settings, with units in their names. Everything that can be checked before the
+//! kernel is touched is checked here, so bad input fails with one line and writes nothing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cli::RecordArgs;
+
+/// A flag's value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--pid {0}: no such process")]
+    NoSuchPid(u32),
+    #[error("--pid 0 is not a process (to profile every process, leave out --pid)")]
+    PidZero,
+    #[error("--frequency {0}: must be between 1 and 10000 Hz")]
+    Frequency(u64),
+    #[error("--{flag} {value:?}: {reason}")]
+    Duration {
+        flag: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("--{flag} {value}: must be between {min} and {max}")]
+    MapSize {
+        flag: &'static str,
+        value: u32,
+        min: u32,
+        max: u32,
+    },
+}
+
+/// How `cprof record` runs.
+#[derive(Clone, Debug)]
+pub struct RecordConfig {
+    /// `None`: every process.
+    pub pids: Option<Vec<u32>>,
+    /// `None`: until a signal.
+    pub duration: Option<Duration>,
+    pub frequency_hz: u64,
+    pub output_dir: PathBuf,
+    pub drain_interval: Duration,
+    pub stack_map_size: u32,
+    pub count_map_size: u32,
+    pub top: usize,
+}
+
+impl RecordConfig {
+    /// Validates flags. `now_utc` names the default output directory.
+    pub fn from_args(args: &RecordArgs, now_utc: &str) -> Result<Self, ConfigError> {
+        let mut pids = args.pids.clone();
+        pids.sort_unstable();
+        pids.dedup();
+        for &pid in &pids {
+            if pid == 0 {
+                return Err(ConfigError::PidZero);
+            }
+            if !crate::procfs::process_exists(pid) {
+                return Err(ConfigError::NoSuchPid(pid));
+            }
+        }
+        if !(1..=10_000).contains(&args.frequency) {
+            return Err(ConfigError::Frequency(args.frequency));
+        }
+        let duration = args
+            .duration
+            .as_deref()
+            .map(|d| parse_duration("duration", d))
+            .transpose()?;
+        let drain_interval = parse_duration("drain-interval", &args.drain_interval)?;
+        for (flag, value) in [
+            ("stack-map-size", args.stack_map_size),
+            ("count-map-size", args.count_map_size),
+        ] {
+            let (min, max) = (16, 4 << 20);
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::MapSize {
+                    flag,
+                    value,
+                    min,
+                    max,
+                });
+            }
+        }
+        Ok(Self {
+            pids: (!pids.is_empty()).then_some(pids),
+            duration,
+            frequency_hz: args.frequency,
+            output_dir: args
+                .output
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("cprof-{now_utc}"))),
+            drain_interval,
+            stack_map_size: args.stack_map_size,
+            count_map_size: args.count_map_size,
+            top: args.top,
+        })
+    }
+
+    /// Nanoseconds of CPU time one sample stands for.
+    #[must_use]
+    pub fn period_ns(&self) -> u64 {
+        1_000_000_000 / self.frequency_hz
+    }
+}
+
+/// Parses `10`, `10s`, `250ms`, `1.5s`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let err = |reason| ConfigError::Duration {
+        flag,
+        value: value.to_owned(),
+        reason,
+    };
+    let s = value.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| err("expected a number with an optional unit: ms, s, m, h"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1e3,
+        "m" | "min" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(err("unknown unit (use ms, s, m or h)")),
+    };
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(err("must be greater than zero"));
+    }
+    if seconds > 366.0 * 86_400.0 {
+        return Err(err("must be at most a year"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser as _;
+
+    fn parse(args: &[&str]) -> Result<RecordConfig, ConfigError> {
+        let mut argv = vec!["cprof", "record"];
+        argv.extend_from_slice(args);
+        let Command::Record(args) = Cli::try_parse_from(argv).unwrap().command;
+        RecordConfig::from_args(&args, "20261123T000000Z")
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.pids, None);
+        assert_eq!(c.duration, None);
+        assert_eq!(c.frequency_hz, 99);
+        assert_eq!(c.output_dir, PathBuf::from("cprof-20261123T000000Z"));
+        assert_eq!(c.period_ns(), 10_101_010);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("d", "10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("d", "250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("d", "1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("d", "2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("d", "1h").unwrap(), Duration::from_secs(3600));
+        for bad in ["", "0", "-1", "abc", "10 parsecs", "1e400"] {
+            assert!(parse_duration("d", bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_values_with_the_flag_named() {
+        let msg = |args: &[&str]| parse(args).unwrap_err().to_string();
+        assert_eq!(msg(&["--frequency", "0"]), "--frequency 0: must be between 1 and 10000 Hz");
+        assert_eq!(msg(&["--pid", "0"]).split(' ').next(), Some("--pid"));
+        assert_eq!(msg(&["--pid", "4000000"]), "--pid 4000000: no such process");
+        assert!(msg(&["--duration", "soon"]).starts_with("--duration \"soon\""));
+        assert!(msg(&["--stack-map-size", "1"]).starts_with("--stack-map-size 1"));
+    }
+
+    #[test]
+    fn pids_are_deduplicated() {
+        let me = std::process::id().to_string();
+        let c = parse(&["--pid", &me, "--pid", &me]).unwrap();
+        assert_eq!(c.pids, Some(vec![std::process::id()]));
+    }
+}

@@ -1,0 +1,446 @@
+//! Building pprof profiles: a string table, deduplicated functions, locations and mappings, and
+//! samples with labels. [`PprofBuilder`] knows nothing of BPF or symbolization; callers hand it
+//! symbolized frames.
+//!
+//! Conventions (see google/pprof `proto/profile.proto`): ids are 1-based and unique, a sample's
+//! locations are leaf first, and a location with several lines lists the innermost inlined
+//! function first and the physical function last.
+
+pub mod proto;
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+
+pub use proto::Profile;
+
+/// One function at one source line: an element of a symbolized frame.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FrameLine {
+    /// Demangled function name.
+    pub function: String,
+    /// Source file, when debug info had it.
+    pub file: Option<String>,
+    /// Source line, 0 when unknown.
+    pub line: u32,
+}
+
+/// An object mapped into a process (or the kernel), as pprof describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MappingInfo {
+    pub memory_start: u64,
+    pub memory_limit: u64,
+    pub file_offset: u64,
+    pub path: String,
+    /// Hex GNU build id, empty when unknown.
+    pub build_id: String,
+    /// True once cprof has symbolized addresses of this mapping, so that viewers do not try to.
+    pub symbolized: bool,
+}
+
+/// A label value: pprof keeps string and numeric labels apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabelValue<'a> {
+    Str(&'a str),
+    Num(i64),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum LocationKey {
+    /// A real address within a mapping (mapping 0: no mapping known).
+    Address { mapping_id: u64, address: u64 },
+    /// A frame that stands for something other than code (a separator, a lost stack).
+    Pseudo { function_id: u64 },
+}
+
+/// Accumulates one pprof profile.
+#[derive(Default)]
+pub struct PprofBuilder {
+    profile: Profile,
+    strings: HashMap<String, i64>,
+    functions: HashMap<(i64, i64), u64>,
+    locations: HashMap<LocationKey, u64>,
+}
+
+impl PprofBuilder {
+    /// A profile whose samples carry one value per `(type, unit)` of `sample_types`, in order.
+    /// The last type is the default one (pprof's and speedscope's convention).
+    #[must_use]
+    pub fn new(sample_types: &[(&str, &str)], period_type: (&str, &str), period: i64) -> Self {
+        let mut builder = Self::default();
+        builder.profile.string_table.push(String::new());
+        builder.strings.insert(String::new(), 0);
+        let types = sample_types
+            .iter()
+            .map(|(ty, unit)| builder.value_type(ty, unit))
+            .collect();
+        builder.profile.sample_type = types;
+        builder.profile.period_type = Some(builder.value_type(period_type.0, period_type.1));
+        builder.profile.period = period;
+        if let Some((ty, _)) = sample_types.last() {
+            builder.profile.default_sample_type = builder.string(ty);
+        }
+        builder
+    }
+
+    fn value_type(&mut self, ty: &str, unit: &str) -> proto::ValueType {
+        proto::ValueType {
+            r#type: self.string(ty),
+            unit: self.string(unit),
+        }
+    }
+
+    /// The index of `s` in the string table, adding it once.
+    pub fn string(&mut self, s: &str) -> i64 {
+        if let Some(&id) = self.strings.get(s) {
+            return id;
+        }
+        let id = self.profile.string_table.len() as i64;
+        self.profile.string_table.push(s.to_owned());
+        self.strings.insert(s.to_owned(), id);
+        id
+    }
+
+    /// Sets the wall-clock start and the length of the recording.
+    pub fn set_time(&mut self, start_unix_nanos: i64, duration_nanos: i64) {
+        self.profile.time_nanos = start_unix_nanos;
+        self.profile.duration_nanos = duration_nanos;
+    }
+
+    /// Adds a free-text comment (`go tool pprof -comments` prints them).
+    pub fn add_comment(&mut self, comment: &str) {
+        let id = self.string(comment);
+        self.profile.comment.push(id);
+    }
+
+    /// Adds a mapping and returns its id.
+    pub fn add_mapping(&mut self, mapping: &MappingInfo) -> u64 {
+        let id = self.profile.mapping.len() as u64 + 1;
+        let filename = self.string(&mapping.path);
+        let build_id = self.string(&mapping.build_id);
+        self.profile.mapping.push(proto::Mapping {
+            id,
+            memory_start: mapping.memory_start,
+            memory_limit: mapping.memory_limit,
+            file_offset: mapping.file_offset,
+            filename,
+            build_id,
+            has_functions: mapping.symbolized,
+            has_filenames: mapping.symbolized,
+            has_line_numbers: mapping.symbolized,
+            has_inline_frames: mapping.symbolized,
+        });
+        id
+    }
+
+    fn function(&mut self, name: &str, file: Option<&str>) -> u64 {
+        let name = self.string(name);
+        let file = file.map_or(0, |file| self.string(file));
+        if let Some(&id) = self.functions.get(&(name, file)) {
+            return id;
+        }
+        let id = self.profile.function.len() as u64 + 1;
+        self.profile.function.push(proto::Function {
+            id,
+            name,
+            system_name: name,
+            filename: file,
+            start_line: 0,
+        });
+        self.functions.insert((name, file), id);
+        id
+    }
+
+    /// The location of `address` in mapping `mapping_id` (0: none), symbolized as `lines`
+    /// (innermost first; empty when unknown). Deduplicated by (mapping, address): the lines given
+    /// the first time win.
+    pub fn location(&mut self, mapping_id: u64, address: u64, lines: &[FrameLine]) -> u64 {
+        let key = LocationKey::Address {
+            mapping_id,
+            address,
+        };
+        if let Some(&id) = self.locations.get(&key) {
+            return id;
+        }
+        let line = lines
+            .iter()
+            .map(|frame| proto::Line {
+                function_id: self.function(&frame.function, frame.file.as_deref()),
+                line: i64::from(frame.line),
+                column: 0,
+            })
+            .collect();
+        self.push_location(key, mapping_id, address, line)
+    }
+
+    /// A location that shows as the function `name` and stands for no code address: separators
+    /// and placeholders such as `[lost stack]`.
+    pub fn pseudo_location(&mut self, name: &str) -> u64 {
+        let function_id = self.function(name, None);
+        let key = LocationKey::Pseudo { function_id };
+        if let Some(&id) = self.locations.get(&key) {
+            return id;
+        }
+        let line = vec![proto::Line {
+            function_id,
+            line: 0,
+            column: 0,
+        }];
+        self.push_location(key, 0, 0, line)
+    }
+
+    fn push_location(
+        &mut self,
+        key: LocationKey,
+        mapping_id: u64,
+        address: u64,
+        line: Vec<proto::Line>,
+    ) -> u64 {
+        let id = self.profile.location.len() as u64 + 1;
+        self.profile.location.push(proto::Location {
+            id,
+            mapping_id,
+            address,
+            line,
+            is_folded: false,
+        });
+        self.locations.insert(key, id);
+        id
+    }
+
+    /// Adds a sample: `locations` leaf first, one value per sample type.
+    pub fn add_sample(
+        &mut self,
+        locations: Vec<u64>,
+        values: Vec<i64>,
+        labels: &[(&str, LabelValue<'_>)],
+    ) {
+        assert_eq!(
+            values.len(),
+            self.profile.sample_type.len(),
+            "one value per sample type"
+        );
+        let label = labels
+            .iter()
+            .map(|(key, value)| {
+                let key = self.string(key);
+                match value {
+                    LabelValue::Str(s) => proto::Label {
+                        key,
+                        str: self.string(s),
+                        ..Default::default()
+                    },
+                    LabelValue::Num(num) => proto::Label {
+                        key,
+                        num: *num,
+                        ..Default::default()
+                    },
+                }
+            })
+            .collect();
+        self.profile.sample.push(proto::Sample {
+            location_id: locations,
+            value: values,
+            label,
+        });
+    }
+
+    /// The finished profile.
+    #[must_use]
+    pub fn finish(self) -> Profile {
+        self.profile
+    }
+}
+
+/// Encodes and gzips a profile, the form pprof files take on disk.
+pub fn encode_gzip(profile: &Profile) -> Vec<u8> {
+    use std::io::Write as _;
+    let raw = prost::Message::encode_to_vec(profile);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&raw).expect("writing to a Vec cannot fail");
+    gz.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Decodes a pprof file, gzipped or not.
+pub fn decode(bytes: &[u8]) -> Result<Profile, prost::DecodeError> {
+    use std::io::Read as _;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut raw)
+            .map_err(|err| prost::DecodeError::new(format!("gzip: {err}")))?;
+        prost::Message::decode(raw.as_slice())
+    } else {
+        prost::Message::decode(bytes)
+    }
+}
+
+/// Read access to a decoded profile for tests and summaries: the names of a sample's frames.
+pub trait ProfileExt {
+    /// The string at index `id` ("" when out of range).
+    fn str(&self, id: i64) -> &str;
+    /// Function names of a sample's stack, leaf first, inlined frames expanded.
+    fn stack_names(&self, sample: &proto::Sample) -> Vec<&str>;
+    /// The value of the string label `key` on `sample`.
+    fn label_str(&self, sample: &proto::Sample, key: &str) -> Option<&str>;
+    /// The value of the numeric label `key` on `sample`.
+    fn label_num(&self, sample: &proto::Sample, key: &str) -> Option<i64>;
+}
+
+impl ProfileExt for Profile {
+    fn str(&self, id: i64) -> &str {
+        usize::try_from(id)
+            .ok()
+            .and_then(|id| self.string_table.get(id))
+            .map_or("", String::as_str)
+    }
+
+    fn stack_names(&self, sample: &proto::Sample) -> Vec<&str> {
+        let locations = index_by_id(&self.location, |l| l.id);
+        let functions = index_by_id(&self.function, |f| f.id);
+        let mut names = Vec::new();
+        for id in &sample.location_id {
+            let Some(location) = locations.get(id) else {
+                continue;
+            };
+            if location.line.is_empty() {
+                names.push("");
+            }
+            for line in &location.line {
+                names.push(functions.get(&line.function_id).map_or("", |f| self.str(f.name)));
+            }
+        }
+        names
+    }
+
+    fn label_str(&self, sample: &proto::Sample, key: &str) -> Option<&str> {
+        sample
+            .label
+            .iter()
+            .find(|l| self.str(l.key) == key && l.str != 0)
+            .map(|l| self.str(l.str))
+    }
+
+    fn label_num(&self, sample: &proto::Sample, key: &str) -> Option<i64> {
+        sample
+            .label
+            .iter()
+            .find(|l| self.str(l.key) == key && l.str == 0)
+            .map(|l| l.num)
+    }
+}
+
+fn index_by_id<T>(items: &[T], id: impl Fn(&T) -> u64) -> HashMap<u64, &T, impl BuildHasher> {
+    items.iter().map(|item| (id(item), item)).collect::<HashMap<_, _>>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(function: &str, line: u32) -> FrameLine {
+        FrameLine {
+            function: function.into(),
+            file: Some("a.c".into()),
+            line,
+        }
+    }
+
+    fn builder() -> PprofBuilder {
+        PprofBuilder::new(
+            &[("samples", "count"), ("cpu", "nanoseconds")],
+            ("cpu", "nanoseconds"),
+            10_000_000,
+        )
+    }
+
+    #[test]
+    fn string_table_starts_empty_and_dedups() {
+        let mut b = builder();
+        let a = b.string("hello");
+        assert_eq!(b.string("hello"), a);
+        let p = b.finish();
+        assert_eq!(p.string_table[0], "");
+        assert_eq!(p.string_table.iter().filter(|s| *s == "hello").count(), 1);
+        assert_eq!(p.str(p.default_sample_type), "cpu", "last sample type is default");
+        assert_eq!(p.sample_type.len(), 2);
+        assert_eq!(p.period, 10_000_000);
+    }
+
+    #[test]
+    fn functions_and_locations_dedup() {
+        let mut b = builder();
+        let m = b.add_mapping(&MappingInfo {
+            memory_start: 0x1000,
+            memory_limit: 0x2000,
+            path: "/bin/x".into(),
+            symbolized: true,
+            ..Default::default()
+        });
+        assert_eq!(m, 1);
+        let l1 = b.location(m, 0x1100, &[line("f", 3)]);
+        let l2 = b.location(m, 0x1100, &[line("f", 3)]);
+        let l3 = b.location(m, 0x1200, &[line("f", 4)]);
+        assert_eq!(l1, l2);
+        assert_ne!(l1, l3);
+        let p = b.finish();
+        assert_eq!(p.location.len(), 2);
+        assert_eq!(p.function.len(), 1, "same name and file is one function");
+        assert!(p.mapping[0].has_functions && p.mapping[0].has_inline_frames);
+    }
+
+    #[test]
+    fn inlined_frames_are_lines_of_one_location_innermost_first() {
+        let mut b = builder();
+        let loc = b.location(0, 0x42, &[line("inner", 10), line("middle", 20), line("outer", 30)]);
+        b.add_sample(vec![loc], vec![1, 10], &[]);
+        let p = b.finish();
+        assert_eq!(p.location[0].line.len(), 3);
+        assert_eq!(p.stack_names(&p.sample[0]), ["inner", "middle", "outer"]);
+    }
+
+    #[test]
+    fn unknown_frames_keep_their_address() {
+        let mut b = builder();
+        let loc = b.location(0, 0xdead, &[]);
+        b.add_sample(vec![loc], vec![1, 10], &[]);
+        let p = b.finish();
+        assert_eq!(p.location[0].address, 0xdead);
+        assert!(p.location[0].line.is_empty());
+    }
+
+    #[test]
+    fn labels_are_str_or_num_never_both() {
+        let mut b = builder();
+        let loc = b.pseudo_location("[lost stack]");
+        b.add_sample(
+            vec![loc],
+            vec![1, 10],
+            &[("comm", LabelValue::Str("worker")), ("pid", LabelValue::Num(42))],
+        );
+        let p = b.finish();
+        let s = &p.sample[0];
+        assert_eq!(p.label_str(s, "comm"), Some("worker"));
+        assert_eq!(p.label_num(s, "pid"), Some(42));
+        for l in &s.label {
+            assert!(l.str == 0 || l.num == 0);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "one value per sample type")]
+    fn sample_value_count_must_match_types() {
+        builder().add_sample(vec![], vec![1], &[]);
+    }
+
+    #[test]
+    fn gzip_round_trip() {
+        let mut b = builder();
+        let loc = b.location(0, 1, &[line("f", 1)]);
+        b.add_sample(vec![loc], vec![3, 30], &[]);
+        b.add_comment("lost samples: 0");
+        let p = b.finish();
+        let bytes = encode_gzip(&p);
+        assert_eq!(&bytes[..2], &[0x1f, 0x8b]);
+        assert_eq!(decode(&bytes).unwrap(), p);
+    }
+}

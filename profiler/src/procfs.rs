@@ -1,0 +1,269 @@
+//! What cprof reads of other processes from `/proc`: memory maps (to symbolize and to describe
+//! mappings in the pprof), names, and whether the process shares our mount namespace.
+//! Environment variables and command lines are never read.
+//!
+//! Needs CAP_SYS_PTRACE (or the same uid) to read another user's `/proc/<pid>/maps`.
+
+use std::path::{Path, PathBuf};
+
+/// One line of `/proc/<pid>/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    pub start: u64,
+    pub end: u64,
+    pub offset: u64,
+    pub executable: bool,
+    /// The path field: a file (`/usr/lib/...`), a pseudo name (`[vdso]`) or empty.
+    pub path: String,
+}
+
+impl MapEntry {
+    /// Whether the entry maps a file on disk (not `[heap]`, `[vdso]`, anonymous memory).
+    #[must_use]
+    pub fn is_file(&self) -> bool {
+        self.path.starts_with('/')
+    }
+
+    /// Whether the file was deleted after it was mapped.
+    #[must_use]
+    pub fn is_deleted(&self) -> bool {
+        self.path.ends_with(" (deleted)")
+    }
+}
+
+/// Parses the text of `/proc/<pid>/maps`. Lines that do not parse are skipped.
+#[must_use]
+pub fn parse_maps(text: &str) -> Vec<MapEntry> {
+    text.lines().filter_map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Option<MapEntry> {
+    // 7f2c4000-7f2c6000 r-xp 00002000 08:01 1234        /usr/lib/x86_64-linux-gnu/libc.so.6
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let _dev = fields.next()?;
+    let _inode = fields.next()?;
+    let path = fields.next().unwrap_or("").trim_start();
+    Some(MapEntry {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        path: path.to_owned(),
+    })
+}
+
+/// What cprof keeps of a process, read once when it is first seen so that it can still be
+/// symbolized after it exits.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// The process's name (its main thread's `comm`).
+    pub name: String,
+    /// Executable mappings, sorted by address.
+    pub mappings: Vec<MapEntry>,
+    /// The prefix under which this process's paths are found from our mount namespace:
+    /// empty when it shares our root, `/proc/<pid>/root` otherwise.
+    pub root: PathBuf,
+}
+
+impl ProcessInfo {
+    /// Reads a live process. Fails when it is gone or its maps cannot be read.
+    pub fn read(pid: u32) -> std::io::Result<Self> {
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        let maps = std::fs::read_to_string(proc.join("maps"))?;
+        let name = read_comm(pid).unwrap_or_default();
+        let mut mappings: Vec<_> = parse_maps(&maps)
+            .into_iter()
+            .filter(|m| m.executable)
+            .collect();
+        mappings.sort_by_key(|m| m.start);
+        let root = if same_root(&proc.join("root")) {
+            PathBuf::new()
+        } else {
+            proc.join("root")
+        };
+        Ok(Self {
+            pid,
+            name,
+            mappings,
+            root,
+        })
+    }
+
+    /// The executable mapping that contains `address`.
+    #[must_use]
+    pub fn mapping_of(&self, address: u64) -> Option<&MapEntry> {
+        let i = self.mappings.partition_point(|m| m.start <= address);
+        self.mappings[..i].last().filter(|m| address < m.end)
+    }
+
+    /// Where the file of `mapping` is found from our mount namespace.
+    #[must_use]
+    pub fn host_path(&self, mapping: &MapEntry) -> PathBuf {
+        if self.root.as_os_str().is_empty() {
+            PathBuf::from(&mapping.path)
+        } else {
+            self.root.join(mapping.path.trim_start_matches('/'))
+        }
+    }
+}
+
+/// The thread or process name in `/proc/<pid>/comm`.
+pub fn read_comm(pid: u32) -> std::io::Result<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    Ok(comm.trim_end_matches('\n').to_owned())
+}
+
+/// Whether a process exists (it may be a zombie).
+#[must_use]
+pub fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether a process is running: it exists and is not a zombie waiting to be reaped.
+#[must_use]
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised comm, which may itself contain ')'.
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
+fn same_root(their_root: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(their_root), std::fs::metadata("/")) {
+        (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
+        _ => true,
+    }
+}
+
+/// The GNU build id of an ELF file as lowercase hex, if it has one.
+#[must_use]
+pub fn build_id(path: &Path) -> Option<String> {
+    use object::Object as _;
+    let file = std::fs::File::open(path).ok()?;
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).ok()?;
+    let id = elf.build_id().ok()??;
+    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The running kernel's GNU build id, from `/sys/kernel/notes`.
+#[must_use]
+pub fn kernel_build_id() -> Option<String> {
+    let notes = std::fs::read("/sys/kernel/notes").ok()?;
+    parse_build_id_note(&notes)
+}
+
+/// Finds the `NT_GNU_BUILD_ID` note in a sequence of ELF notes (native endian, 4-byte aligned).
+fn parse_build_id_note(mut notes: &[u8]) -> Option<String> {
+    const NT_GNU_BUILD_ID: u32 = 3;
+    let word = |b: &[u8]| -> Option<u32> { Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?)) };
+    let align = |n: usize| n.div_ceil(4) * 4;
+    while notes.len() >= 12 {
+        let namesz = word(notes)? as usize;
+        let descsz = word(&notes[4..])? as usize;
+        let kind = word(&notes[8..])?;
+        let name_end = 12usize.checked_add(align(namesz))?;
+        let desc_end = name_end.checked_add(align(descsz))?;
+        let name = notes.get(12..12 + namesz)?;
+        let desc = notes.get(name_end..name_end + descsz)?;
+        if kind == NT_GNU_BUILD_ID && name == b"GNU\0" {
+            return Some(desc.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        notes = notes.get(desc_end..)?;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c8a00000-55d0c8a01000 r--p 00000000 fe:01 393232                     /usr/bin/demo
+55d0c8a01000-55d0c8a02000 r-xp 00001000 fe:01 393232                     /usr/bin/demo
+55d0c9b3e000-55d0c9b5f000 rw-p 00000000 00:00 0                          [heap]
+7f1c2a428000-7f1c2a5bd000 r-xp 00028000 fe:01 1837                       /usr/lib/x86_64-linux-gnu/libc.so.6
+7f1c2a600000-7f1c2a601000 r-xp 00000000 fe:01 99                         /tmp/gone (deleted)
+7ffd5a1f6000-7ffd5a1f8000 r-xp 00000000 00:00 0                          [vdso]
+garbage line
+";
+
+    #[test]
+    fn parses_maps_lines() {
+        let maps = parse_maps(MAPS);
+        assert_eq!(maps.len(), 6, "the garbage line is skipped");
+        assert_eq!(
+            maps[1],
+            MapEntry {
+                start: 0x55d0_c8a0_1000,
+                end: 0x55d0_c8a0_2000,
+                offset: 0x1000,
+                executable: true,
+                path: "/usr/bin/demo".into()
+            }
+        );
+        assert!(!maps[0].executable);
+        assert_eq!(maps[2].path, "[heap]");
+        assert!(!maps[2].is_file());
+        assert!(maps[4].is_deleted());
+        assert_eq!(maps[5].path, "[vdso]");
+    }
+
+    #[test]
+    fn finds_the_mapping_of_an_address() {
+        let info = ProcessInfo {
+            mappings: parse_maps(MAPS).into_iter().filter(|m| m.executable).collect(),
+            ..Default::default()
+        };
+        assert_eq!(info.mapping_of(0x55d0_c8a0_1800).unwrap().path, "/usr/bin/demo");
+        assert!(info.mapping_of(0x55d0_c8a0_2000).is_none(), "end is exclusive");
+        assert!(info.mapping_of(0x10).is_none());
+        assert_eq!(
+            info.mapping_of(0x7f1c_2a42_8000).unwrap().offset,
+            0x28000
+        );
+    }
+
+    #[test]
+    fn reads_ourselves() {
+        let me = ProcessInfo::read(std::process::id()).unwrap();
+        assert!(me.root.as_os_str().is_empty(), "we share our own root");
+        let exe = std::env::current_exe().unwrap();
+        let main_addr = parses_maps_lines as usize as u64;
+        let m = me.mapping_of(main_addr).expect("our code is mapped");
+        assert_eq!(Path::new(&m.path), exe);
+        assert!(build_id(&exe).is_some_and(|id| id.len() >= 16));
+    }
+
+    #[test]
+    fn liveness() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        while process_alive(pid) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(process_exists(pid), "a zombie still exists until reaped");
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
+
+    #[test]
+    fn build_id_note() {
+        let mut note = Vec::new();
+        note.extend_from_slice(&4u32.to_ne_bytes());
+        note.extend_from_slice(&3u32.to_ne_bytes());
+        note.extend_from_slice(&3u32.to_ne_bytes());
+        note.extend_from_slice(b"GNU\0");
+        note.extend_from_slice(&[0xab, 0xcd, 0xef, 0]);
+        assert_eq!(parse_build_id_note(&note).as_deref(), Some("abcdef"));
+        assert_eq!(parse_build_id_note(&note[..10]), None);
+    }
+}
