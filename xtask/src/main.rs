@@ -1,1 +1,126 @@
-fn main(){}
+//! `cargo xtask <command>`: the project's build, demo and test entry points.
+//!
+//! Each command first installs what it needs, idempotently: the nightly toolchain's `rust-src`,
+//! `bpf-linker` (built against the nightly's own LLVM, into the cargo home), and for tests the
+//! Debian packages of the real clients the tests check against (`go tool pprof`).
+
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the BPF toolchain pieces if missing and build target/release/cprof.
+    Build,
+    /// Build, start the bundled demo workload, profile it for a few seconds, print the summary.
+    Demo {
+        /// Seconds to record.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
+    /// Build, install the test clients, run every test (unit and privileged integration tests).
+    Test {
+        /// Extra arguments for the test harness (for example a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match Cli::parse().command {
+        Task::Build => build(&root).map(|_| ()),
+        Task::Demo { seconds } => demo(&root, seconds),
+        Task::Test { args } => test(&root, &args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn build(root: &Path) -> anyhow::Result<PathBuf> {
+    setup::bpf_toolchain(root)?;
+    run(cargo().args(["build", "--release", "--package", "profiler", "--bin", "cprof"]))?;
+    Ok(root.join("target/release/cprof"))
+}
+
+fn demo(root: &Path, seconds: u32) -> anyhow::Result<()> {
+    let cprof = build(root)?;
+    let workload = setup::workload(root, "calltree")?;
+    require_root("the demo loads eBPF programs")?;
+    let out = root.join("target/demo");
+    let _ = std::fs::remove_dir_all(&out);
+    println!("demo: starting {} (a 70/30 split between path_a and path_b)", workload.display());
+    let mut child = Command::new(&workload)
+        .arg((seconds + 3).to_string())
+        .spawn()
+        .with_context(|| format!("starting {}", workload.display()))?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let status = Command::new(&cprof)
+        .args(["record", "--pid", &child.id().to_string()])
+        .args(["--duration", &seconds.to_string(), "--frequency", "999"])
+        .arg("--output")
+        .arg(&out)
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+    if !status?.success() {
+        bail!("cprof record failed");
+    }
+    println!("demo: try `go tool pprof -top {}`", out.join("cpu.pb.gz").display());
+    Ok(())
+}
+
+fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    build(root)?;
+    require_root("the integration tests load eBPF programs")?;
+    setup::debian_packages(&[("go", "golang-go")])?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--release", "--workspace", "--exclude", "profiler-ebpf", "--"]);
+    // The integration tests share the kernel and both CPUs; run them one at a time.
+    cmd.arg("--test-threads=1").args(args);
+    run(&mut cmd)
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run as root: {why} (for example `sudo -E cargo xtask ...`)");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
