@@ -124,7 +124,7 @@ impl SamplerStats {
 
 /// The loaded and attached on-CPU sampler. Dropping it detaches and unloads everything.
 pub struct OnCpuSampler {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     counts: [PerCpuHashMap<MapData, SampleKey, u64>; 2],
     stacks: [StackTraceMap<MapData>; 2],
     active_buffer: Array<MapData, u32>,
@@ -156,29 +156,40 @@ impl OnCpuSampler {
                 source,
             })?;
         }
-        let sampler = Self {
+        let mut sampler = Self {
             counts: [take_map(&mut ebpf, m::COUNTS_A)?, take_map(&mut ebpf, m::COUNTS_B)?],
             stacks: [take_map(&mut ebpf, m::STACKS_A)?, take_map(&mut ebpf, m::STACKS_B)?],
             active_buffer: take_map(&mut ebpf, m::ACTIVE_BUFFER)?,
             stats: take_map(&mut ebpf, m::STATS)?,
             active: 0,
-            _ebpf: ebpf,
+            ebpf,
         };
-        let mut sampler = sampler;
         sampler.attach(options.frequency_hz)?;
         Ok(sampler)
     }
 
-    fn attach(&mut self, frequency_hz: u64) -> Result<(), BpfError> {
-        let program: &mut PerfEvent = self
-            ._ebpf
+    fn program(&mut self) -> Result<&mut PerfEvent, BpfError> {
+        self.ebpf
             .program_mut(PROGRAM)
             .ok_or(BpfError::MissingProgram(PROGRAM))?
             .try_into()
             .map_err(|source| BpfError::Program {
                 name: PROGRAM,
                 source,
-            })?;
+            })
+    }
+
+    /// Detaches from every CPU. The maps stay readable, so that what was collected up to now can
+    /// be drained completely and the counters agree with it exactly.
+    pub fn stop(&mut self) -> Result<(), BpfError> {
+        self.program()?.unload().map_err(|source| BpfError::Program {
+            name: PROGRAM,
+            source,
+        })
+    }
+
+    fn attach(&mut self, frequency_hz: u64) -> Result<(), BpfError> {
+        let program = self.program()?;
         program.load().map_err(|source| BpfError::Program {
             name: PROGRAM,
             source,
@@ -218,11 +229,7 @@ impl OnCpuSampler {
     /// Reads and clears the buffer the program is not writing to.
     pub fn drain_idle(&mut self) -> Result<Vec<RawSample>, BpfError> {
         let idle = (1 - self.active) as usize;
-        let (counts_name, stacks_name) = if idle == 0 {
-            (m::COUNTS_A, m::STACKS_A)
-        } else {
-            (m::COUNTS_B, m::STACKS_B)
-        };
+        let counts_name = if idle == 0 { m::COUNTS_A } else { m::COUNTS_B };
         let map_err = |name| move |source| BpfError::Map { name, source };
         let mut entries = Vec::new();
         for entry in self.counts[idle].iter() {
@@ -265,7 +272,6 @@ impl OnCpuSampler {
         for id in ids {
             let _ = self.stacks[idle].remove(&id);
         }
-        let _ = stacks_name;
         Ok(samples)
     }
 

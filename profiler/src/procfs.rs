@@ -236,7 +236,7 @@ garbage line
         let me = ProcessInfo::read(std::process::id()).unwrap();
         assert!(me.root.as_os_str().is_empty(), "we share our own root");
         let exe = std::env::current_exe().unwrap();
-        let main_addr = parses_maps_lines as usize as u64;
+        let main_addr = parses_maps_lines as fn() as usize as u64;
         let m = me.mapping_of(main_addr).expect("our code is mapped");
         assert_eq!(Path::new(&m.path), exe);
         assert!(build_id(&exe).is_some_and(|id| id.len() >= 16));

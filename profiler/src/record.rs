@@ -107,8 +107,9 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
         }
     };
     let elapsed = started.elapsed();
-    // Both buffers: the one written until now, then the other one (flipped away from earlier,
-    // drained already, but a sample may have landed during the grace period).
+    // Detach first, then drain both buffers: the one written until now, and the other one (a
+    // sample may have landed in it during the last grace period). Nothing is counted after this.
+    sampler.stop()?;
     drain_once(&mut sampler, &mut collected, &symbolizer).await?;
     drain_once(&mut sampler, &mut collected, &symbolizer).await?;
     let stats = sampler.stats()?;

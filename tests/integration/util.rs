@@ -1,0 +1,155 @@
+//! Helpers: building and running workloads (killed on drop), running cprof, reading its output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cprof::pprof::{self, Profile, ProfileExt as _};
+
+/// The cprof binary under test.
+pub fn cprof() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cprof"))
+}
+
+/// Panics unless we are root: these tests load eBPF programs.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the integration tests load eBPF programs: run them as root (cargo xtask test)");
+}
+
+/// `tests/workloads/<name>.c`, built once per test run with frame pointers.
+pub fn workload_binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    assert_eq!(name, "calltree", "only the calltree workload exists");
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+            let src = root.join("tests/workloads/calltree.c");
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("calltree");
+            let status = Command::new("cc")
+                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer"])
+                .args(["-fno-optimize-sibling-calls", "-pthread", "-o"])
+                .arg(&out)
+                .arg(&src)
+                .status()
+                .expect("running cc (install gcc) to build the workload");
+            assert!(status.success(), "building {}", src.display());
+            out
+        })
+        .clone()
+}
+
+/// A running workload, killed and reaped when dropped.
+pub struct Workload {
+    pub child: Child,
+}
+
+impl Workload {
+    pub fn start(name: &str, args: &[&str]) -> Self {
+        let child = Command::new(workload_binary(name))
+            .args(args)
+            .spawn()
+            .expect("starting the workload");
+        // Let it create its worker thread before we look at it.
+        std::thread::sleep(Duration::from_millis(200));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh, empty output directory path (not created) under the test tmpdir.
+pub fn out_dir(test: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("out-{test}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Runs `cprof record <args> --output <dir>` to completion.
+pub fn record(args: &[&str], dir: &Path) -> Output {
+    let out = cprof()
+        .arg("record")
+        .args(args)
+        .arg("--output")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running cprof");
+    assert!(
+        out.status.success(),
+        "cprof record {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Decodes `dir/cpu.pb.gz`.
+pub fn read_profile(dir: &Path) -> Profile {
+    let path = dir.join("cpu.pb.gz");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    pprof::decode(&bytes).unwrap_or_else(|e| panic!("decoding {}: {e}", path.display()))
+}
+
+/// Sum of the first value of the samples for which `keep` holds.
+pub fn samples_where(p: &Profile, keep: impl Fn(&cprof::pprof::proto::Sample) -> bool) -> i64 {
+    p.sample.iter().filter(|s| keep(s)).map(|s| s.value[0]).sum()
+}
+
+/// Whether `function` is on the sample's stack.
+pub fn on_stack(p: &Profile, s: &cprof::pprof::proto::Sample, function: &str) -> bool {
+    p.stack_names(s).contains(&function)
+}
+
+/// Runs `go tool pprof <args>` and returns its stdout; fails loudly when go is missing.
+pub fn go_pprof(args: &[&str]) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("running `go tool pprof`: install golang-go (cargo xtask test does)");
+    assert!(
+        out.status.success(),
+        "go tool pprof {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Waits for `child` with a deadline; returns its output and how long it took.
+pub fn wait_with_deadline(mut child: Child, deadline: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return (child.wait_with_output().unwrap(), start.elapsed());
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "cprof did not exit within {deadline:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn kill(pid: u32, signal: i32) {
+    // SAFETY: plain syscall.
+    let rc = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal})");
+}
