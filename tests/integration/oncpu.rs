@@ -260,3 +260,53 @@ fn full_maps_are_counted_not_silent() {
     let stack_comment = comments.iter().find(|c| c.starts_with("stacks lost:")).unwrap();
     assert!(stack_comment.contains("map full") && !stack_comment.contains("user 0 map full, 0 collisions; kernel 0 map full, 0"), "{stack_comment}");
 }
+
+/// C++ and Rust function names come out demangled.
+#[test]
+fn names_are_demangled() {
+    util::require_root();
+    let w = Workload::start("demangle", &["10"]);
+    let dir = util::out_dir("demangle-cpp");
+    util::record(&["--pid", &w.pid().to_string(), "--duration", "2", "-F", "499"], &dir);
+    let p = util::read_profile(&dir);
+    let names: Vec<_> = p.function.iter().map(|f| p.str(f.name)).collect();
+    for expected in [
+        "shapes::Spinner::spin(unsigned long)",
+        "unsigned long churn<unsigned long>(unsigned long)",
+    ] {
+        assert!(names.contains(&expected), "expected {expected:?} among {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("_Z")), "a mangled name is left: {names:?}");
+
+    // Rust: a thread of this very test process spins in a named function.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || rust_spin_for_cprof(&stop))
+    };
+    let dir = util::out_dir("demangle-rust");
+    util::record(&["--pid", &std::process::id().to_string(), "--duration", "2", "-F", "499"], &dir);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let spun = spinner.join().unwrap();
+    assert!(spun > 0);
+    let p = util::read_profile(&dir);
+    let names: Vec<_> = p.function.iter().map(|f| p.str(f.name)).collect();
+    assert!(
+        names.contains(&"integration::oncpu::rust_spin_for_cprof"),
+        "expected the demangled Rust path among {names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with("_ZN") || n.starts_with("_R")), "{names:?}");
+}
+
+#[inline(never)]
+fn rust_spin_for_cprof(stop: &std::sync::atomic::AtomicBool) -> u64 {
+    let mut x = 1u64;
+    let mut rounds = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for _ in 0..10_000 {
+            x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+        }
+        rounds += 1;
+    }
+    rounds
+}

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cprof::pprof::{self, Profile, ProfileExt as _};
@@ -19,26 +19,32 @@ pub fn require_root() {
     assert_eq!(euid, 0, "the integration tests load eBPF programs: run them as root (cargo xtask test)");
 }
 
-/// `tests/workloads/<name>.c`, built once per test run with frame pointers.
+/// `tests/workloads/<name>.c` (or `.cpp`), built once per test run with frame pointers.
 pub fn workload_binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    assert_eq!(name, "calltree", "only the calltree workload exists");
-    BUILT
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-            let src = root.join("tests/workloads/calltree.c");
-            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("calltree");
-            let status = Command::new("cc")
-                .args(["-O2", "-g", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer"])
-                .args(["-fno-optimize-sibling-calls", "-pthread", "-o"])
-                .arg(&out)
-                .arg(&src)
-                .status()
-                .expect("running cc (install gcc) to build the workload");
-            assert!(status.success(), "building {}", src.display());
-            out
-        })
-        .clone()
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap();
+    if let Some((_, path)) = built.iter().find(|(n, _)| n == name) {
+        return path.clone();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let c = root.join(format!("tests/workloads/{name}.c"));
+    let (src, compiler) = if c.exists() {
+        (c, "cc")
+    } else {
+        (root.join(format!("tests/workloads/{name}.cpp")), "c++")
+    };
+    assert!(src.exists(), "no workload {name} in tests/workloads");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let status = Command::new(compiler)
+        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer"])
+        .args(["-fno-optimize-sibling-calls", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap_or_else(|e| panic!("running {compiler} (install gcc/g++) to build {name}: {e}"));
+    assert!(status.success(), "building {}", src.display());
+    built.push((name.to_owned(), out.clone()));
+    out
 }
 
 /// A running workload, killed and reaped when dropped.

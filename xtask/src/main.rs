@@ -92,10 +92,52 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     require_root("the integration tests load eBPF programs")?;
     setup::debian_packages(&[("go", "golang-go")])?;
     let mut cmd = cargo();
-    cmd.args(["test", "--release", "--workspace", "--exclude", "profiler-ebpf", "--"]);
+    cmd.args(["test", "--release", "--workspace", "--exclude", "profiler-ebpf"]);
+    cmd.args(["--lib", "--bins", "--tests", "--"]);
     // The integration tests share the kernel and both CPUs; run them one at a time.
     cmd.arg("--test-threads=1").args(args);
-    run(&mut cmd)
+    cmd.stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("running {cmd:?}"))?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    for line in std::io::BufRead::lines(stdout) {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    // One closing line over every test binary (cargo prints one per binary).
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// `test result: ok. 23 passed; 0 failed; ...` -> (23, 0).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| -> Option<u64> {
+        let before = rest.split(&format!(" {word}")).next()?;
+        before.rsplit(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    Some((count("passed")?, count("failed")?))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_cargo_test_result_lines() {
+        let line = "test result: ok. 23 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(super::parse_test_result(line), Some((23, 1)));
+        assert_eq!(super::parse_test_result("running 3 tests"), None);
+    }
 }
 
 fn require_root(why: &str) -> anyhow::Result<()> {
