@@ -11,7 +11,10 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("no workspace root above {manifest_dir}"))?;
     let ebpf_dir = root.join("profiler-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
-    println!("cargo:rerun-if-changed={}", root.join("profiler-common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("profiler-common").display()
+    );
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("profiler");
     if std::env::var_os("AYA_BUILD_SKIP").is_some() && !out.exists() {
         std::fs::write(&out, b"")?;

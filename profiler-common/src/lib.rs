@@ -49,7 +49,7 @@ pub mod globals {
 /// Indices into the per-CPU `STATS` array. Every way a sample can end is counted, so that
 /// `SAMPLES_SEEN == IDLE + FILTERED + RECORDED + DROPPED_COUNTS_FULL` holds.
 pub mod stat {
-    /// perf_event samples the program ran for.
+    /// `perf_event` samples the program ran for.
     pub const SAMPLES_SEEN: u32 = 0;
     /// Samples of the idle task (pid 0), not recorded.
     pub const SAMPLES_IDLE: u32 = 1;

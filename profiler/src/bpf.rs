@@ -5,7 +5,7 @@
 //! points the program at the other buffer; once in-flight samples have finished (the caller waits a
 //! few milliseconds), [`OnCpuSampler::drain_idle`] reads and clears the idle one.
 //!
-//! Needs: Linux 5.8+, CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN).
+//! Needs: Linux 5.8+, `CAP_BPF` and `CAP_PERFMON` (or `CAP_SYS_ADMIN`).
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, StackTraceMap};
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
@@ -157,8 +157,14 @@ impl OnCpuSampler {
             })?;
         }
         let mut sampler = Self {
-            counts: [take_map(&mut ebpf, m::COUNTS_A)?, take_map(&mut ebpf, m::COUNTS_B)?],
-            stacks: [take_map(&mut ebpf, m::STACKS_A)?, take_map(&mut ebpf, m::STACKS_B)?],
+            counts: [
+                take_map(&mut ebpf, m::COUNTS_A)?,
+                take_map(&mut ebpf, m::COUNTS_B)?,
+            ],
+            stacks: [
+                take_map(&mut ebpf, m::STACKS_A)?,
+                take_map(&mut ebpf, m::STACKS_B)?,
+            ],
             active_buffer: take_map(&mut ebpf, m::ACTIVE_BUFFER)?,
             stats: take_map(&mut ebpf, m::STATS)?,
             active: 0,
@@ -182,10 +188,12 @@ impl OnCpuSampler {
     /// Detaches from every CPU. The maps stay readable, so that what was collected up to now can
     /// be drained completely and the counters agree with it exactly.
     pub fn stop(&mut self) -> Result<(), BpfError> {
-        self.program()?.unload().map_err(|source| BpfError::Program {
-            name: PROGRAM,
-            source,
-        })
+        self.program()?
+            .unload()
+            .map_err(|source| BpfError::Program {
+                name: PROGRAM,
+                source,
+            })
     }
 
     fn attach(&mut self, frequency_hz: u64) -> Result<(), BpfError> {
@@ -232,7 +240,7 @@ impl OnCpuSampler {
         let counts_name = if idle == 0 { m::COUNTS_A } else { m::COUNTS_B };
         let map_err = |name| move |source| BpfError::Map { name, source };
         let mut entries = Vec::new();
-        for entry in self.counts[idle].iter() {
+        for entry in &self.counts[idle] {
             let (key, per_cpu) = entry.map_err(map_err(counts_name))?;
             entries.push((key, per_cpu.iter().sum::<u64>()));
         }
@@ -268,7 +276,10 @@ impl OnCpuSampler {
             // A key may vanish only if something else deleted it: not an error worth failing for.
             let _ = self.counts[idle].remove(key);
         }
-        let ids: Vec<u32> = self.stacks[idle].stack_ids().filter_map(Result::ok).collect();
+        let ids: Vec<u32> = self.stacks[idle]
+            .stack_ids()
+            .filter_map(Result::ok)
+            .collect();
         for id in ids {
             let _ = self.stacks[idle].remove(&id);
         }

@@ -19,8 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Record on-CPU stacks of some processes (or all) and write DIR/cpu.pb.gz.
     ///
-    /// Needs CAP_BPF and CAP_PERFMON (root has them); CAP_SYS_PTRACE to symbolize other users'
-    /// processes and CAP_SYSLOG for kernel symbols.
+    /// Needs `CAP_BPF` and `CAP_PERFMON` (root has them); `CAP_SYS_PTRACE` to symbolize other users'
+    /// processes and `CAP_SYSLOG` for kernel symbols.
     ///
     /// Examples:
     ///

@@ -50,7 +50,11 @@ pub struct Collected {
 /// Address used to look a frame up: return addresses point after the call, so all but the frame
 /// that was interrupted are looked up one byte earlier, inside the call instruction.
 fn lookup_addr(address: u64, precise: bool) -> u64 {
-    if precise { address } else { address.saturating_sub(1) }
+    if precise {
+        address
+    } else {
+        address.saturating_sub(1)
+    }
 }
 
 impl Collected {
@@ -170,9 +174,9 @@ impl Collected {
             if let Some(user) = &key.user {
                 for (i, &addr) in user.iter().enumerate() {
                     let precise = i == 0 && key.kernel.is_none();
-                    let (mapping, frames) = match info.and_then(|info| {
-                        info.mapping_of(addr).map(|entry| (info, entry))
-                    }) {
+                    let (mapping, frames) = match info
+                        .and_then(|info| info.mapping_of(addr).map(|entry| (info, entry)))
+                    {
                         Some((info, entry)) => {
                             let id = *mappings.entry((key.pid, entry.start)).or_insert_with(|| {
                                 let host = info.host_path(entry);
@@ -249,7 +253,11 @@ pub fn top_functions(profile: &Profile, n: usize) -> Vec<TopFunction> {
         let count = sample.value.first().copied().unwrap_or(0) as u64;
         let names = profile.stack_names(sample);
         let label = |name: &str| {
-            if name.is_empty() { "[unknown]".to_owned() } else { name.to_owned() }
+            if name.is_empty() {
+                "[unknown]".to_owned()
+            } else {
+                name.to_owned()
+            }
         };
         if let Some(leaf) = names.first() {
             by_name.entry(label(leaf)).or_default().0 += count;
@@ -300,7 +308,10 @@ mod tests {
         b.add_sample(vec![leaf_a, main], vec![70], &[]);
         b.add_sample(vec![leaf_b, main], vec![30], &[]);
         let top = top_functions(&b.finish(), 10);
-        let names: Vec<_> = top.iter().map(|t| (t.name.as_str(), t.self_samples, t.total_samples)).collect();
+        let names: Vec<_> = top
+            .iter()
+            .map(|t| (t.name.as_str(), t.self_samples, t.total_samples))
+            .collect();
         assert_eq!(names, [("a", 70, 70), ("b", 30, 30), ("main", 0, 100)]);
     }
 

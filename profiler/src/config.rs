@@ -161,19 +161,31 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("d", "10").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("d", "250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("d", "1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("d", "2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("d", "1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(
+            parse_duration("d", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("d", "1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_duration("d", "2m").unwrap(), Duration::from_mins(2));
+        assert_eq!(parse_duration("d", "1h").unwrap(), Duration::from_hours(1));
         for bad in ["", "0", "-1", "abc", "10 parsecs", "1e400"] {
-            assert!(parse_duration("d", bad).is_err(), "{bad:?} should be refused");
+            assert!(
+                parse_duration("d", bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 
     #[test]
     fn refuses_bad_values_with_the_flag_named() {
         let msg = |args: &[&str]| parse(args).unwrap_err().to_string();
-        assert_eq!(msg(&["--frequency", "0"]), "--frequency 0: must be between 1 and 10000 Hz");
+        assert_eq!(
+            msg(&["--frequency", "0"]),
+            "--frequency 0: must be between 1 and 10000 Hz"
+        );
         assert_eq!(msg(&["--pid", "0"]).split(' ').next(), Some("--pid"));
         assert_eq!(msg(&["--pid", "4000000"]), "--pid 4000000: no such process");
         assert!(msg(&["--duration", "soon"]).starts_with("--duration \"soon\""));

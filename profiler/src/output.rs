@@ -39,7 +39,9 @@ pub fn prepare_dir(dir: &Path) -> Result<(), OutputError> {
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
-    let file_name = path.file_name().map_or_else(Default::default, |n| n.to_string_lossy());
+    let file_name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
     let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
     let err = |what, path: &Path| {
         let path = path.to_owned();
@@ -77,7 +79,10 @@ mod tests {
         write_atomic(&path, b"one").unwrap();
         write_atomic(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("cpu.pb.gz")]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -52,8 +52,8 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
-/// Which of `wanted` the effective set `eff` lacks. CAP_SYS_ADMIN stands in for CAP_BPF and
-/// CAP_PERFMON, as the kernel accepts it for both.
+/// Which of `wanted` the effective set `eff` lacks. `CAP_SYS_ADMIN` stands in for `CAP_BPF` and
+/// `CAP_PERFMON`, as the kernel accepts it for both.
 #[must_use]
 pub fn missing(eff: u64, wanted: &[Capability]) -> Vec<Capability> {
     let has = |cap: Capability| eff & (1 << cap.bit) != 0;
@@ -67,7 +67,7 @@ pub fn missing(eff: u64, wanted: &[Capability]) -> Vec<Capability> {
         .collect()
 }
 
-/// Names for an error message: "CAP_BPF, CAP_PERFMON".
+/// Names for an error message: "`CAP_BPF`, `CAP_PERFMON`".
 #[must_use]
 pub fn names(caps: &[Capability]) -> String {
     caps.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
@@ -91,7 +91,10 @@ mod tests {
         let bpf_only = 1 << CAP_BPF.bit;
         assert_eq!(missing(bpf_only, &RECORD_REQUIRED), vec![CAP_PERFMON]);
         let admin = 1 << CAP_SYS_ADMIN.bit;
-        assert!(missing(admin, &RECORD_REQUIRED).is_empty(), "SYS_ADMIN covers both");
+        assert!(
+            missing(admin, &RECORD_REQUIRED).is_empty(),
+            "SYS_ADMIN covers both"
+        );
         assert_eq!(missing(admin, &RECORD_WANTED).len(), 2);
     }
 }

@@ -2,7 +2,7 @@
 //! mappings in the pprof), names, and whether the process shares our mount namespace.
 //! Environment variables and command lines are never read.
 //!
-//! Needs CAP_SYS_PTRACE (or the same uid) to read another user's `/proc/<pid>/maps`.
+//! Needs `CAP_SYS_PTRACE` (or the same uid) to read another user's `/proc/<pid>/maps`.
 
 use std::path::{Path, PathBuf};
 
@@ -130,7 +130,9 @@ pub fn process_alive(pid: u32) -> bool {
         return false;
     };
     // The state follows the parenthesised comm, which may itself contain ')'.
-    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
     !matches!(state, Some('Z' | 'X') | None)
 }
 
@@ -150,7 +152,17 @@ pub fn build_id(path: &Path) -> Option<String> {
     let cache = object::ReadCache::new(file);
     let elf = object::File::parse(&cache).ok()?;
     let id = elf.build_id().ok()??;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+    Some(hex(id))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// The running kernel's GNU build id, from `/sys/kernel/notes`.
@@ -174,7 +186,7 @@ fn parse_build_id_note(mut notes: &[u8]) -> Option<String> {
         let name = notes.get(12..12 + namesz)?;
         let desc = notes.get(name_end..name_end + descsz)?;
         if kind == NT_GNU_BUILD_ID && name == b"GNU\0" {
-            return Some(desc.iter().map(|b| format!("{b:02x}")).collect());
+            return Some(hex(desc));
         }
         notes = notes.get(desc_end..)?;
     }
@@ -219,16 +231,22 @@ garbage line
     #[test]
     fn finds_the_mapping_of_an_address() {
         let info = ProcessInfo {
-            mappings: parse_maps(MAPS).into_iter().filter(|m| m.executable).collect(),
+            mappings: parse_maps(MAPS)
+                .into_iter()
+                .filter(|m| m.executable)
+                .collect(),
             ..Default::default()
         };
-        assert_eq!(info.mapping_of(0x55d0_c8a0_1800).unwrap().path, "/usr/bin/demo");
-        assert!(info.mapping_of(0x55d0_c8a0_2000).is_none(), "end is exclusive");
-        assert!(info.mapping_of(0x10).is_none());
         assert_eq!(
-            info.mapping_of(0x7f1c_2a42_8000).unwrap().offset,
-            0x28000
+            info.mapping_of(0x55d0_c8a0_1800).unwrap().path,
+            "/usr/bin/demo"
         );
+        assert!(
+            info.mapping_of(0x55d0_c8a0_2000).is_none(),
+            "end is exclusive"
+        );
+        assert!(info.mapping_of(0x10).is_none());
+        assert_eq!(info.mapping_of(0x7f1c_2a42_8000).unwrap().offset, 0x28000);
     }
 
     #[test]

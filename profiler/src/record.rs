@@ -70,7 +70,10 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
         "cprof: recording on-CPU stacks of {} at {} Hz {}; Ctrl-C to stop early",
         config.pids.as_ref().map_or_else(
             || "every process".to_owned(),
-            |p| format!("pid {}", p.iter().map(u32::to_string).collect::<Vec<_>>().join(", "))
+            |p| format!(
+                "pid {}",
+                p.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            )
         ),
         config.frequency_hz,
         config
@@ -174,7 +177,7 @@ fn comments(config: &RecordConfig, stats: &SamplerStats, unsymbolized: u64) -> V
     ]
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the memory cgroup.
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; later ones to the memory cgroup.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -208,7 +211,11 @@ pub fn summary(report: &RecordReport) -> String {
         report.unsymbolized
     );
     if report.samples > 0 {
-        let _ = writeln!(out, "\n{:>8} {:>7} {:>8} {:>7}  function", "self", "self%", "total", "total%");
+        let _ = writeln!(
+            out,
+            "\n{:>8} {:>7} {:>8} {:>7}  function",
+            "self", "self%", "total", "total%"
+        );
         for t in &report.top {
             let pct = |n: u64| 100.0 * n as f64 / report.samples as f64;
             let _ = writeln!(
@@ -223,6 +230,10 @@ pub fn summary(report: &RecordReport) -> String {
         }
     }
     let _ = writeln!(out, "\nProfile: {}", report.cpu_profile.display());
-    let _ = writeln!(out, "Open it with: go tool pprof -http=: {}", report.cpu_profile.display());
+    let _ = writeln!(
+        out,
+        "Open it with: go tool pprof -http=: {}",
+        report.cpu_profile.display()
+    );
     out
 }

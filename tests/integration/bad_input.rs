@@ -19,9 +19,17 @@ fn run(args: &[&str]) -> (bool, String, String) {
 
 fn assert_one_line_error(args: &[&str], stderr: &str, expected: &str) {
     let lines: Vec<_> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "cprof {args:?}: expected one line, got:\n{stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "cprof {args:?}: expected one line, got:\n{stderr}"
+    );
     assert!(lines[0].starts_with("cprof: error: "), "{}", lines[0]);
-    assert!(lines[0].contains(expected), "cprof {args:?}: expected {expected:?} in {:?}", lines[0]);
+    assert!(
+        lines[0].contains(expected),
+        "cprof {args:?}: expected {expected:?} in {:?}",
+        lines[0]
+    );
 }
 
 #[test]
@@ -29,7 +37,15 @@ fn a_pid_that_does_not_exist() {
     let dir = util::out_dir("nopid");
     let dir_s = dir.to_str().unwrap();
     // Above the largest pid_max (2^22): never a process.
-    let args = ["record", "--pid", "4194305", "--duration", "1", "--output", dir_s];
+    let args = [
+        "record",
+        "--pid",
+        "4194305",
+        "--duration",
+        "1",
+        "--output",
+        dir_s,
+    ];
     let (ok, _, stderr) = run(&args);
     assert!(!ok);
     assert_one_line_error(&args, &stderr, "--pid 4194305: no such process");
@@ -39,10 +55,16 @@ fn a_pid_that_does_not_exist() {
 #[test]
 fn bad_flag_values() {
     for (args, expected) in [
-        (&["record", "--frequency", "0"][..], "--frequency 0: must be between 1 and 10000 Hz"),
+        (
+            &["record", "--frequency", "0"][..],
+            "--frequency 0: must be between 1 and 10000 Hz",
+        ),
         (&["record", "--frequency", "20000"][..], "--frequency 20000"),
         (&["record", "--duration", "soon"][..], "--duration \"soon\""),
-        (&["record", "--duration", "0"][..], "must be greater than zero"),
+        (
+            &["record", "--duration", "0"][..],
+            "must be greater than zero",
+        ),
         (&["record", "--pid", "0"][..], "--pid 0 is not a process"),
     ] {
         let (ok, _, stderr) = run(args);
@@ -51,19 +73,32 @@ fn bad_flag_values() {
     }
     let (ok, _, stderr) = run(&["record", "--pid", "abc"]);
     assert!(!ok);
-    assert!(stderr.contains("invalid value 'abc' for '--pid <PID>'"), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'abc' for '--pid <PID>'"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn an_unwritable_output_directory_fails_before_recording() {
     util::require_root();
-    let args = ["record", "--duration", "1", "--output", "/proc/cprof-cannot-exist"];
+    let args = [
+        "record",
+        "--duration",
+        "1",
+        "--output",
+        "/proc/cprof-cannot-exist",
+    ];
     let (ok, _, stderr) = run(&args);
     assert!(!ok);
-    assert_one_line_error(&args, &stderr, "cannot create output directory /proc/cprof-cannot-exist");
+    assert_one_line_error(
+        &args,
+        &stderr,
+        "cannot create output directory /proc/cprof-cannot-exist",
+    );
 }
 
-/// Run as nobody with no capabilities, then with CAP_BPF only: the missing ones are named.
+/// Run as nobody with no capabilities, then with `CAP_BPF` only: the missing ones are named.
 #[test]
 fn missing_capabilities_are_named() {
     util::require_root();
@@ -77,14 +112,20 @@ fn missing_capabilities_are_named() {
         let mut cmd = Command::new("setpriv");
         cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
         if let Some(caps) = caps {
-            cmd.args([format!("--inh-caps={caps}"), format!("--ambient-caps={caps}")]);
+            cmd.args([
+                format!("--inh-caps={caps}"),
+                format!("--ambient-caps={caps}"),
+            ]);
         }
         let out = cmd
             .args([cprof, "record", "--duration", "1", "--output", dir_s])
             .output()
             .expect("running setpriv (util-linux)");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "as nobody with {caps:?} cprof must fail");
+        assert!(
+            !out.status.success(),
+            "as nobody with {caps:?} cprof must fail"
+        );
         assert_one_line_error(&[], &stderr, expected);
     }
     assert!(!dir.exists(), "nothing written without privileges");
@@ -94,7 +135,17 @@ fn missing_capabilities_are_named() {
 fn help_teaches() {
     let (ok, stdout, _) = run(&["record", "--help"]);
     assert!(ok);
-    for needle in ["--pid", "--duration", "--frequency", "--output", "CAP_BPF", "go tool pprof"] {
-        assert!(stdout.contains(needle), "record --help lacks {needle}:\n{stdout}");
+    for needle in [
+        "--pid",
+        "--duration",
+        "--frequency",
+        "--output",
+        "CAP_BPF",
+        "go tool pprof",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "record --help lacks {needle}:\n{stdout}"
+        );
     }
 }

@@ -16,7 +16,10 @@ pub fn cprof() -> Command {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "the integration tests load eBPF programs: run them as root (cargo xtask test)");
+    assert_eq!(
+        euid, 0,
+        "the integration tests load eBPF programs: run them as root (cargo xtask test)"
+    );
 }
 
 /// `tests/workloads/<name>.c` (or `.cpp`), built once per test run with frame pointers.
@@ -36,7 +39,12 @@ pub fn workload_binary(name: &str) -> PathBuf {
     assert!(src.exists(), "no workload {name} in tests/workloads");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let status = Command::new(compiler)
-        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer"])
+        .args([
+            "-O2",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-mno-omit-leaf-frame-pointer",
+        ])
         .args(["-fno-optimize-sibling-calls", "-pthread", "-o"])
         .arg(&out)
         .arg(&src)
@@ -110,7 +118,11 @@ pub fn read_profile(dir: &Path) -> Profile {
 
 /// Sum of the first value of the samples for which `keep` holds.
 pub fn samples_where(p: &Profile, keep: impl Fn(&cprof::pprof::proto::Sample) -> bool) -> i64 {
-    p.sample.iter().filter(|s| keep(s)).map(|s| s.value[0]).sum()
+    p.sample
+        .iter()
+        .filter(|s| keep(s))
+        .map(|s| s.value[0])
+        .sum()
 }
 
 /// Whether `function` is on the sample's stack.

@@ -56,7 +56,14 @@ fn workspace_root() -> PathBuf {
 
 fn build(root: &Path) -> anyhow::Result<PathBuf> {
     setup::bpf_toolchain(root)?;
-    run(cargo().args(["build", "--release", "--package", "profiler", "--bin", "cprof"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "profiler",
+        "--bin",
+        "cprof",
+    ]))?;
     Ok(root.join("target/release/cprof"))
 }
 
@@ -66,7 +73,10 @@ fn demo(root: &Path, seconds: u32) -> anyhow::Result<()> {
     require_root("the demo loads eBPF programs")?;
     let out = root.join("target/demo");
     let _ = std::fs::remove_dir_all(&out);
-    println!("demo: starting {} (a 70/30 split between path_a and path_b)", workload.display());
+    println!(
+        "demo: starting {} (a 70/30 split between path_a and path_b)",
+        workload.display()
+    );
     let mut child = Command::new(&workload)
         .arg((seconds + 3).to_string())
         .spawn()
@@ -83,7 +93,10 @@ fn demo(root: &Path, seconds: u32) -> anyhow::Result<()> {
     if !status?.success() {
         bail!("cprof record failed");
     }
-    println!("demo: try `go tool pprof -top {}`", out.join("cpu.pb.gz").display());
+    println!(
+        "demo: try `go tool pprof -top {}`",
+        out.join("cpu.pb.gz").display()
+    );
     Ok(())
 }
 
@@ -92,7 +105,13 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     require_root("the integration tests load eBPF programs")?;
     setup::debian_packages(&[("go", "golang-go")])?;
     let mut cmd = cargo();
-    cmd.args(["test", "--release", "--workspace", "--exclude", "profiler-ebpf"]);
+    cmd.args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "profiler-ebpf",
+    ]);
     cmd.args(["--lib", "--bins", "--tests", "--"]);
     // The integration tests share the kernel and both CPUs; run them one at a time.
     cmd.arg("--test-threads=1").args(args);
@@ -125,7 +144,11 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     let rest = line.strip_prefix("test result: ")?;
     let count = |word: &str| -> Option<u64> {
         let before = rest.split(&format!(" {word}")).next()?;
-        before.rsplit(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        before
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
     };
     Some((count("passed")?, count("failed")?))
 }
@@ -158,9 +181,7 @@ fn cargo() -> Command {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }

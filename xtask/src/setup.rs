@@ -20,12 +20,20 @@ pub fn bpf_toolchain(root: &Path) -> anyhow::Result<()> {
     .context("the eBPF programs need rustup's nightly toolchain")?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: installing rust-src for nightly");
-        super::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        super::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if bpf_linker_ok() {
         return Ok(());
     }
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM (a few minutes, once)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM (a few minutes, once)"
+    );
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let lib = Path::new(sysroot.trim()).join("lib");
     // The real ELF is libLLVM.so.<ver>-rust-<ver>; the libLLVM-<ver>-rust-*.so next to it is a
@@ -46,7 +54,13 @@ pub fn bpf_toolchain(root: &Path) -> anyhow::Result<()> {
     std::os::unix::fs::symlink(&real, &link)?;
     super::run(
         Command::new("cargo")
-            .args(["+stable", "install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args([
+                "+stable",
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", &prefix),
     )?;
@@ -62,7 +76,9 @@ fn bpf_linker_ok() -> bool {
     Command::new("rustup")
         .args(["run", "nightly", "bpf-linker", "--version"])
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
 }
 
 /// Installs Debian packages whose command is missing: `(command, package)`.
@@ -86,9 +102,8 @@ pub fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
 }
 
 fn on_path(command: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(command).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
 }
 
 /// Builds `tests/workloads/<name>.c` with frame pointers into `target/workloads/<name>`.
@@ -99,7 +114,15 @@ pub fn workload(root: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let out = out_dir.join(name);
     super::run(
         Command::new("cc")
-            .args(["-O2", "-g", "-fno-omit-frame-pointer", "-mno-omit-leaf-frame-pointer", "-fno-optimize-sibling-calls", "-pthread", "-o"])
+            .args([
+                "-O2",
+                "-g",
+                "-fno-omit-frame-pointer",
+                "-mno-omit-leaf-frame-pointer",
+                "-fno-optimize-sibling-calls",
+                "-pthread",
+                "-o",
+            ])
             .arg(&out)
             .arg(&src),
     )?;
@@ -109,7 +132,10 @@ pub fn workload(root: &Path, name: &str) -> anyhow::Result<PathBuf> {
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }

@@ -252,6 +252,7 @@ impl PprofBuilder {
 }
 
 /// Encodes and gzips a profile, the form pprof files take on disk.
+#[must_use]
 pub fn encode_gzip(profile: &Profile) -> Vec<u8> {
     use std::io::Write as _;
     let raw = prost::Message::encode_to_vec(profile);
@@ -306,7 +307,11 @@ impl ProfileExt for Profile {
                 names.push("");
             }
             for line in &location.line {
-                names.push(functions.get(&line.function_id).map_or("", |f| self.str(f.name)));
+                names.push(
+                    functions
+                        .get(&line.function_id)
+                        .map_or("", |f| self.str(f.name)),
+                );
             }
         }
         names
@@ -330,7 +335,10 @@ impl ProfileExt for Profile {
 }
 
 fn index_by_id<T>(items: &[T], id: impl Fn(&T) -> u64) -> HashMap<u64, &T, impl BuildHasher> {
-    items.iter().map(|item| (id(item), item)).collect::<HashMap<_, _>>()
+    items
+        .iter()
+        .map(|item| (id(item), item))
+        .collect::<HashMap<_, _>>()
 }
 
 #[cfg(test)]
@@ -361,7 +369,11 @@ mod tests {
         let p = b.finish();
         assert_eq!(p.string_table[0], "");
         assert_eq!(p.string_table.iter().filter(|s| *s == "hello").count(), 1);
-        assert_eq!(p.str(p.default_sample_type), "cpu", "last sample type is default");
+        assert_eq!(
+            p.str(p.default_sample_type),
+            "cpu",
+            "last sample type is default"
+        );
         assert_eq!(p.sample_type.len(), 2);
         assert_eq!(p.period, 10_000_000);
     }
@@ -391,7 +403,11 @@ mod tests {
     #[test]
     fn inlined_frames_are_lines_of_one_location_innermost_first() {
         let mut b = builder();
-        let loc = b.location(0, 0x42, &[line("inner", 10), line("middle", 20), line("outer", 30)]);
+        let loc = b.location(
+            0,
+            0x42,
+            &[line("inner", 10), line("middle", 20), line("outer", 30)],
+        );
         b.add_sample(vec![loc], vec![1, 10], &[]);
         let p = b.finish();
         assert_eq!(p.location[0].line.len(), 3);
@@ -415,7 +431,10 @@ mod tests {
         b.add_sample(
             vec![loc],
             vec![1, 10],
-            &[("comm", LabelValue::Str("worker")), ("pid", LabelValue::Num(42))],
+            &[
+                ("comm", LabelValue::Str("worker")),
+                ("pid", LabelValue::Num(42)),
+            ],
         );
         let p = b.finish();
         let s = &p.sample[0];

@@ -69,6 +69,7 @@ pub struct Label {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
+#[expect(clippy::struct_excessive_bools, reason = "the pprof schema's fields")]
 pub struct Mapping {
     #[prost(uint64, tag = "1")]
     pub id: u64,
