@@ -32,10 +32,26 @@ pub mod maps {
     /// Per-CPU counters, indexed by [`super::stat`].
     pub const STATS: &str = "STATS";
 
+    /// Off-CPU waits, buffer A: [`super::OffCpuKey`] -> [`super::OffCpuValue`].
+    pub const OFFCPU_A: &str = "OFFCPU_A";
+    /// Off-CPU waits, buffer B.
+    pub const OFFCPU_B: &str = "OFFCPU_B";
+    /// Stacks of blocked threads and their wakers. Not double-buffered: a wait can outlive a
+    /// drain, so its stack ids must stay valid; ids are stable and userspace caches them.
+    pub const OFFCPU_STACKS: &str = "OFFCPU_STACKS";
+    /// Threads switched out and not yet back: tid -> [`super::OffCpuStart`] (LRU).
+    pub const OFFCPU_START: &str = "OFFCPU_START";
+
     /// Default number of distinct (pid, tid, comm, stacks) keys per buffer.
     pub const COUNTS_MAX_ENTRIES: u32 = 16_384;
     /// Default number of distinct stacks per buffer (user and kernel stacks share it).
     pub const STACKS_MAX_ENTRIES: u32 = 16_384;
+    /// Default number of distinct off-CPU keys per buffer.
+    pub const OFFCPU_MAX_ENTRIES: u32 = 16_384;
+    /// Default number of distinct off-CPU and waker stacks.
+    pub const OFFCPU_STACKS_MAX_ENTRIES: u32 = 16_384;
+    /// Default number of threads tracked while switched out.
+    pub const OFFCPU_START_MAX_ENTRIES: u32 = 32_768;
     /// Most processes `--pid` may name.
     pub const TARGET_PIDS_MAX_ENTRIES: u32 = 1_024;
 }
@@ -44,10 +60,16 @@ pub mod maps {
 pub mod globals {
     /// `u32`: 1 when only the processes in `TARGET_PIDS` are sampled.
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
+    /// `u32`: byte offset of `pid` in `struct task_struct`, read from the kernel's BTF.
+    pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+    /// `u64`: waits shorter than this many nanoseconds are not recorded.
+    pub const OFFCPU_MIN_NS: &str = "OFFCPU_MIN_NS";
 }
 
 /// Indices into the per-CPU `STATS` array. Every way a sample can end is counted, so that
-/// `SAMPLES_SEEN == IDLE + FILTERED + RECORDED + DROPPED_COUNTS_FULL` holds.
+/// `SAMPLES_SEEN == IDLE + FILTERED + RECORDED + DROPPED_COUNTS_FULL` holds, and likewise
+/// `OFFCPU_STARTS == OFFCPU_ENDS + evicted + still waiting` and
+/// `OFFCPU_ENDS == OFFCPU_RECORDED + OFFCPU_SHORT + OFFCPU_DROPPED_FULL`.
 pub mod stat {
     /// `perf_event` samples the program ran for.
     pub const SAMPLES_SEEN: u32 = 0;
@@ -71,8 +93,28 @@ pub mod stat {
     pub const KERNEL_STACK_COLLISION: u32 = 9;
     /// Kernel stacks not captured for another reason.
     pub const KERNEL_STACK_OTHER: u32 = 10;
+    /// Target threads switched out (a wait started and was stored).
+    pub const OFFCPU_STARTS: u32 = 11;
+    /// Waits that ended (the thread was switched back in and its start found).
+    pub const OFFCPU_ENDS: u32 = 12;
+    /// Waits added to the off-CPU aggregate.
+    pub const OFFCPU_RECORDED: u32 = 13;
+    /// Waits shorter than `--off-cpu-min`, not recorded.
+    pub const OFFCPU_SHORT: u32 = 14;
+    /// Waits lost because the off-CPU aggregate was full.
+    pub const OFFCPU_DROPPED_FULL: u32 = 15;
+    /// Off-CPU or waker stacks not captured: stack map full.
+    pub const OFFCPU_STACK_MAP_FULL: u32 = 16;
+    /// Off-CPU or waker stacks not captured: bucket taken by another stack.
+    pub const OFFCPU_STACK_COLLISION: u32 = 17;
+    /// Wakeups of a waiting target thread whose waker was recorded.
+    pub const OFFCPU_WAKERS: u32 = 18;
+    /// Reading `task_struct.pid` failed.
+    pub const OFFCPU_READ_ERRORS: u32 = 19;
+    /// A thread's wait start replaced an older one that never ended (its switch-in was missed).
+    pub const OFFCPU_REPLACED: u32 = 20;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 21;
 }
 
 /// Key of the in-kernel on-CPU aggregate: one entry per distinct thread and pair of stacks.
@@ -96,3 +138,77 @@ const _: () = assert!(size_of::<SampleKey>() == 32);
 #[cfg(feature = "user")]
 // SAFETY: `SampleKey` is `repr(C)`, has no padding and every bit pattern is valid.
 unsafe impl aya::Pod for SampleKey {}
+
+/// Task states as cprof records them (the low bits of the kernel's `__state`, with preemption
+/// folded into [`task_state::RUNNING`]).
+pub mod task_state {
+    /// Runnable: switched out involuntarily (preempted), waiting for a CPU.
+    pub const RUNNING: u32 = 0;
+    pub const INTERRUPTIBLE: u32 = 0x1;
+    pub const UNINTERRUPTIBLE: u32 = 0x2;
+    pub const STOPPED: u32 = 0x4;
+    pub const TRACED: u32 = 0x8;
+    pub const DEAD: u32 = 0x80;
+    pub const NOLOAD: u32 = 0x400;
+}
+
+/// A target thread that was switched out: where, when, and (once known) who woke it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffCpuStart {
+    /// `bpf_ktime_get_ns` at switch-out.
+    pub start_ns: u64,
+    pub pid: u32,
+    /// A [`task_state`] value.
+    pub state: u32,
+    pub user_stack_id: i32,
+    pub kernel_stack_id: i32,
+    /// 0 until a waker is recorded.
+    pub waker_pid: u32,
+    pub waker_user_stack_id: i32,
+    pub waker_kernel_stack_id: i32,
+    pub _pad: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub waker_comm: [u8; TASK_COMM_LEN],
+}
+
+const _: () = assert!(size_of::<OffCpuStart>() == 72);
+
+/// Key of the in-kernel off-CPU aggregate: the waiting thread and its stacks, the state it
+/// waited in, and its waker (`waker_pid` 0: none recorded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OffCpuKey {
+    pub pid: u32,
+    pub tid: u32,
+    pub state: u32,
+    pub user_stack_id: i32,
+    pub kernel_stack_id: i32,
+    pub waker_pid: u32,
+    pub waker_user_stack_id: i32,
+    pub waker_kernel_stack_id: i32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub waker_comm: [u8; TASK_COMM_LEN],
+}
+
+const _: () = assert!(size_of::<OffCpuKey>() == 64);
+
+/// Value of the off-CPU aggregate (per CPU; userspace sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuValue {
+    pub total_ns: u64,
+    pub count: u64,
+}
+
+const _: () = assert!(size_of::<OffCpuValue>() == 16);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding, every bit pattern valid.
+unsafe impl aya::Pod for OffCpuStart {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for OffCpuKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for OffCpuValue {}

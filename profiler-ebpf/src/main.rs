@@ -1,39 +1,30 @@
-//! cprof's kernel side.
+//! cprof's kernel side. Every program aggregates in the kernel; userspace never sees single
+//! events. It flips `ACTIVE_BUFFER` to point the programs at the other half of each
+//! double-buffered aggregate, then drains and clears the idle half.
 //!
-//! `on_cpu_sample` runs on every cpu-clock perf_event tick (one event per online CPU, opened by the
-//! agent at the requested frequency). It captures the user and kernel stack ids of the interrupted
-//! task and adds one to this CPU's count of (pid, tid, comm, stacks) in the active buffer. Userspace never
-//! sees individual samples: it flips `ACTIVE_BUFFER`, then drains and clears the idle buffer.
+//! - [`oncpu`]: `on_cpu_sample`, a cpu-clock perf_event on every CPU: counts of (thread, stacks).
+//! - [`offcpu`]: `on_sched_switch` and `on_sched_waking` (BTF tracepoints): time threads spend
+//!   switched out, by stack, state and waker.
 //!
-//! Needs: Linux 5.8+ (CAP_BPF / CAP_PERFMON), BPF_MAP_TYPE_STACK_TRACE, frame pointers in the
+//! Needs: Linux 5.8+ (CAP_BPF, CAP_PERFMON), BTF for the tracepoints; frame pointers in the
 //! profiled code for complete user stacks.
 #![no_std]
 #![no_main]
 
+mod offcpu;
+mod oncpu;
+
 use aya_ebpf::{
     Global,
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::{map, perf_event},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, StackTrace},
-    programs::{PerfEventContext, tracing::StackIdContext as _},
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
 };
-use profiler_common::{NO_STACK, SampleKey, TASK_COMM_LEN, maps as m, stat};
+use profiler_common::{maps as m, stat};
 
-/// Set by the loader: 1 when only the tgids in `TARGET_PIDS` are sampled.
+/// Set by the loader: 1 when only the tgids in `TARGET_PIDS` are recorded.
 #[unsafe(no_mangle)]
 static FILTER_PIDS: Global<u32> = Global::new(0);
 
-#[map]
-static COUNTS_A: PerCpuHashMap<SampleKey, u64> =
-    PerCpuHashMap::with_max_entries(m::COUNTS_MAX_ENTRIES, 0);
-#[map]
-static COUNTS_B: PerCpuHashMap<SampleKey, u64> =
-    PerCpuHashMap::with_max_entries(m::COUNTS_MAX_ENTRIES, 0);
-#[map]
-static STACKS_A: StackTrace = StackTrace::with_max_entries(m::STACKS_MAX_ENTRIES, 0);
-#[map]
-static STACKS_B: StackTrace = StackTrace::with_max_entries(m::STACKS_MAX_ENTRIES, 0);
 #[map]
 static ACTIVE_BUFFER: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
@@ -41,89 +32,24 @@ static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(m::TARGET_PIDS_
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
-const EEXIST: i32 = 17;
-const ENOMEM: i32 = 12;
+pub(crate) const EEXIST: i32 = 17;
+pub(crate) const ENOMEM: i32 = 12;
 
-#[perf_event]
-pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
-    try_on_cpu_sample(&ctx);
-    0
+/// Whether process `pid` (a tgid) is recorded.
+#[inline(always)]
+pub(crate) fn is_target(pid: u32) -> bool {
+    FILTER_PIDS.load() == 0 || TARGET_PIDS.get_ptr(pid).is_some()
 }
 
+/// Whether the programs write to buffer B (else A).
 #[inline(always)]
-fn try_on_cpu_sample(ctx: &PerfEventContext) {
-    bump(stat::SAMPLES_SEEN);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
-    if tid == 0 {
-        bump(stat::SAMPLES_IDLE);
-        return;
-    }
-    if FILTER_PIDS.load() != 0 && TARGET_PIDS.get_ptr(pid).is_none() {
-        bump(stat::SAMPLES_FILTERED);
-        return;
-    }
-    let comm = bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]);
-    let use_b = ACTIVE_BUFFER.get(0).is_some_and(|active| *active != 0);
-    let (counts, stacks) = if use_b {
-        (&COUNTS_B, &STACKS_B)
-    } else {
-        (&COUNTS_A, &STACKS_A)
-    };
-    let user_stack_id = match ctx.get_stackid(stacks, u64::from(BPF_F_USER_STACK)) {
-        Ok(id) => id as i32,
-        Err(err) => {
-            bump(match -err {
-                ENOMEM => stat::USER_STACK_MAP_FULL,
-                EEXIST => stat::USER_STACK_COLLISION,
-                _ => stat::USER_STACK_OTHER,
-            });
-            NO_STACK
-        }
-    };
-    let kernel_stack_id = match ctx.get_stackid(stacks, 0) {
-        Ok(id) => id as i32,
-        Err(err) => {
-            bump(match -err {
-                ENOMEM => stat::KERNEL_STACK_MAP_FULL,
-                EEXIST => stat::KERNEL_STACK_COLLISION,
-                _ => stat::KERNEL_STACK_OTHER,
-            });
-            NO_STACK
-        }
-    };
-    let key = SampleKey {
-        pid,
-        tid,
-        user_stack_id,
-        kernel_stack_id,
-        comm,
-    };
-    if add_one(counts, &key) {
-        bump(stat::SAMPLES_RECORDED);
-    } else {
-        bump(stat::DROPPED_COUNTS_FULL);
-    }
+pub(crate) fn use_buffer_b() -> bool {
+    ACTIVE_BUFFER.get(0).is_some_and(|active| *active != 0)
 }
 
-/// Adds one to this CPU's count of `key`, creating it; false when the map is full.
-///
-/// The counts are per-CPU so that no atomic is needed (the BPF target has no `AtomicU64` RMW in
-/// `core`) and CPUs never contend on one value; userspace sums the CPUs when it drains.
+/// Adds one to a per-CPU counter.
 #[inline(always)]
-fn add_one(counts: &PerCpuHashMap<SampleKey, u64>, key: &SampleKey) -> bool {
-    if let Some(count) = counts.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of a live entry; nothing else writes it while we run.
-        unsafe { *count += 1 };
-        return true;
-    }
-    // A new entry starts at 1 on this CPU and 0 on the others.
-    counts.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok()
-}
-
-#[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU value, this CPU is the only writer while the program runs.
         unsafe { *counter += 1 };

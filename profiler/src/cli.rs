@@ -46,6 +46,10 @@ pub struct RecordArgs {
     #[arg(long, short = 'd', value_name = "DURATION")]
     pub duration: Option<String>,
 
+    /// What to record, a comma list of: cpu, offcpu, all.
+    #[arg(long = "event", short = 'e', value_name = "LIST", default_value = "cpu")]
+    pub events: String,
+
     /// Samples per second on each CPU (cpu-clock software event, 1 to 10000).
     #[arg(long, short = 'F', value_name = "HZ", default_value_t = 99)]
     pub frequency: u64,
@@ -67,6 +71,18 @@ pub struct RecordArgs {
     /// reports lost samples.
     #[arg(long, value_name = "N", default_value_t = profiler_common::maps::COUNTS_MAX_ENTRIES)]
     pub count_map_size: u32,
+
+    /// Off-CPU waits shorter than this are not recorded (filtered in the kernel): 1us keeps
+    /// every wait a user could act on and skips the sub-microsecond switches that cost more to
+    /// record than they say.
+    #[arg(long = "off-cpu-min", value_name = "DURATION", default_value = "1us")]
+    pub off_cpu_min: String,
+
+    /// Threads the kernel tracks while they are switched out (least recently used are evicted
+    /// past it, and counted).
+    #[arg(long = "off-cpu-threads", value_name = "N",
+          default_value_t = profiler_common::maps::OFFCPU_START_MAX_ENTRIES)]
+    pub off_cpu_threads: u32,
 
     /// How many functions the summary lists.
     #[arg(long, value_name = "N", default_value_t = 10)]

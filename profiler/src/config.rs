@@ -21,6 +21,10 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    #[error("--event {0:?}: unknown event (use a comma list of cpu, offcpu, all)")]
+    UnknownEvent(String),
+    #[error("--event {0}: not available yet in this cprof (available: cpu, offcpu)")]
+    EventNotYet(String),
     #[error("--{flag} {value}: must be between {min} and {max}")]
     MapSize {
         flag: &'static str,
@@ -33,6 +37,7 @@ pub enum ConfigError {
 /// How `cprof record` runs.
 #[derive(Clone, Debug)]
 pub struct RecordConfig {
+    pub events: crate::bpf::Events,
     /// `None`: every process.
     pub pids: Option<Vec<u32>>,
     /// `None`: until a signal.
@@ -40,6 +45,8 @@ pub struct RecordConfig {
     pub frequency_hz: u64,
     pub output_dir: PathBuf,
     pub drain_interval: Duration,
+    pub off_cpu_min: Duration,
+    pub off_cpu_threads: u32,
     pub stack_map_size: u32,
     pub count_map_size: u32,
     pub top: usize,
@@ -68,9 +75,12 @@ impl RecordConfig {
             .map(|d| parse_duration("duration", d))
             .transpose()?;
         let drain_interval = parse_duration("drain-interval", &args.drain_interval)?;
+        let off_cpu_min = parse_duration("off-cpu-min", &args.off_cpu_min)?;
+        let events = parse_events(&args.events)?;
         for (flag, value) in [
             ("stack-map-size", args.stack_map_size),
             ("count-map-size", args.count_map_size),
+            ("off-cpu-threads", args.off_cpu_threads),
         ] {
             let (min, max) = (16, 4 << 20);
             if !(min..=max).contains(&value) {
@@ -83,6 +93,7 @@ impl RecordConfig {
             }
         }
         Ok(Self {
+            events,
             pids: (!pids.is_empty()).then_some(pids),
             duration,
             frequency_hz: args.frequency,
@@ -91,6 +102,8 @@ impl RecordConfig {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("cprof-{now_utc}"))),
             drain_interval,
+            off_cpu_min,
+            off_cpu_threads: args.off_cpu_threads,
             stack_map_size: args.stack_map_size,
             count_map_size: args.count_map_size,
             top: args.top,
@@ -104,7 +117,25 @@ impl RecordConfig {
     }
 }
 
-/// Parses `10`, `10s`, `250ms`, `1.5s`, `5m`, `1h` (a bare number is seconds).
+/// Parses `cpu,offcpu`, `all`.
+pub fn parse_events(list: &str) -> Result<crate::bpf::Events, ConfigError> {
+    let mut events = crate::bpf::Events::default();
+    for name in list.split(',').map(str::trim) {
+        match name {
+            "cpu" => events.cpu = true,
+            "offcpu" => events.offcpu = true,
+            "all" => {
+                events.cpu = true;
+                events.offcpu = true;
+            }
+            "syscall" | "tcp" => return Err(ConfigError::EventNotYet(name.into())),
+            _ => return Err(ConfigError::UnknownEvent(name.into())),
+        }
+    }
+    Ok(events)
+}
+
+/// Parses `10`, `10s`, `250ms`, `1.5s`, `5m`, `1h`, `1us`, `500ns` (a bare number is seconds).
 pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
     let err = |reason| ConfigError::Duration {
         flag,
@@ -118,13 +149,15 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Confi
     let (number, unit) = s.split_at(split);
     let number: f64 = number
         .parse()
-        .map_err(|_| err("expected a number with an optional unit: ms, s, m, h"))?;
+        .map_err(|_| err("expected a number with an optional unit: ns, us, ms, s, m, h"))?;
     let seconds = match unit.trim() {
         "" | "s" => number,
         "ms" => number / 1e3,
+        "us" | "µs" => number / 1e6,
+        "ns" => number / 1e9,
         "m" | "min" => number * 60.0,
         "h" => number * 3600.0,
-        _ => return Err(err("unknown unit (use ms, s, m or h)")),
+        _ => return Err(err("unknown unit (use ns, us, ms, s, m or h)")),
     };
     if !(seconds.is_finite() && seconds > 0.0) {
         return Err(err("must be greater than zero"));
@@ -190,6 +223,23 @@ mod tests {
         assert_eq!(msg(&["--pid", "4000000"]), "--pid 4000000: no such process");
         assert!(msg(&["--duration", "soon"]).starts_with("--duration \"soon\""));
         assert!(msg(&["--stack-map-size", "1"]).starts_with("--stack-map-size 1"));
+    }
+
+    #[test]
+    fn events() {
+        let e = |list| parse_events(list).map(|e| (e.cpu, e.offcpu));
+        assert_eq!(e("cpu").unwrap(), (true, false));
+        assert_eq!(e("offcpu").unwrap(), (false, true));
+        assert_eq!(e("cpu,offcpu").unwrap(), (true, true));
+        assert_eq!(e("all").unwrap(), (true, true));
+        assert_eq!(
+            parse_events("cpu,disk").unwrap_err().to_string(),
+            "--event \"disk\": unknown event (use a comma list of cpu, offcpu, all)"
+        );
+        assert!(parse_events("syscall").unwrap_err().to_string().contains("not available yet"));
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.off_cpu_min, Duration::from_micros(1), "default --off-cpu-min");
+        assert!(c.events.cpu && !c.events.offcpu, "default --event cpu");
     }
 
     #[test]

@@ -1,21 +1,28 @@
 //! cprof's agent library: everything behind the `cprof` binary.
 //!
 //! - [`bpf`]: load and attach the eBPF programs, drain their in-kernel aggregates.
+//! - [`btf`]: field offsets of kernel structs, for programs that read kernel memory.
 //! - [`procfs`]: memory maps and names of target processes.
 //! - [`symbolize`]: one blazesym symbolizer on its own thread.
-//! - [`collect`]: merge drained samples, resolve their symbols, build the pprof.
+//! - [`symbols`]: the process table and symbol caches of a recording; stacks to pprof locations.
+//! - [`oncpu`], [`offcpu`]: merge drained aggregates and build their pprof files.
 //! - [`pprof`]: the pprof message types and a builder.
+//! - [`top`]: rankings for the summary.
 //! - [`record`]: the `cprof record` command.
 //! - [`cli`], [`config`], [`privilege`], [`output`]: flags, validated settings, capability
 //!   checks, atomic output files.
 
 pub mod bpf;
+pub mod btf;
 pub mod cli;
-pub mod collect;
 pub mod config;
+pub mod offcpu;
+pub mod oncpu;
 pub mod output;
 pub mod pprof;
 pub mod privilege;
 pub mod procfs;
 pub mod record;
 pub mod symbolize;
+pub mod symbols;
+pub mod top;

@@ -1,36 +1,95 @@
-//! `cprof record`: check privileges and output, attach the sampler, drain it periodically until
-//! the duration ends, a signal arrives or every target exits, then write `cpu.pb.gz` and print a
-//! summary.
+//! `cprof record`: check privileges and output, attach the probes of the requested events, drain
+//! them periodically until the duration ends, a signal arrives or every target exits, then write
+//! the pprof files and print a summary.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use profiler_common::stat;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::bpf::{OnCpuSampler, SamplerOptions, SamplerStats};
-use crate::collect::{Collected, TopFunction, top_functions};
+use crate::bpf::{ProbeOptions, ProbeStats, Probes};
 use crate::config::RecordConfig;
-use crate::output;
-use crate::pprof;
-use crate::privilege;
-use crate::procfs;
+use crate::offcpu::{OffCpuProfile, state_letter};
+use crate::oncpu::OnCpuProfile;
+use crate::pprof::{self, Profile, ProfileExt as _};
 use crate::symbolize::SymbolizerThread;
+use crate::symbols::{Stack, Symbols};
+use crate::top::{TopFunction, TopStack, top_functions, top_stacks};
+use crate::{output, privilege, procfs};
 
 /// What a recording produced, for the summary and for callers.
 #[derive(Debug)]
 pub struct RecordReport {
-    pub cpu_profile: std::path::PathBuf,
-    pub samples: u64,
-    pub stats: SamplerStats,
+    pub files: Vec<PathBuf>,
+    pub stats: ProbeStats,
     pub unsymbolized: u64,
-    pub top: Vec<TopFunction>,
     pub elapsed: Duration,
     pub stop_reason: &'static str,
+    pub cpu: Option<CpuSummary>,
+    pub offcpu: Option<OffCpuSummary>,
+}
+
+#[derive(Debug)]
+pub struct CpuSummary {
+    pub samples: u64,
+    pub top: Vec<TopFunction>,
+}
+
+#[derive(Debug)]
+pub struct OffCpuSummary {
+    pub total_ns: u64,
+    pub waits: u64,
+    /// Threads whose wait start was evicted from the bounded start map before they came back.
+    pub evicted: u64,
+    pub top: Vec<TopStack>,
 }
 
 /// Time left for in-flight BPF programs to finish with a buffer after a flip.
 const FLIP_GRACE: Duration = Duration::from_millis(5);
+
+struct Recording {
+    probes: Probes,
+    symbolizer: SymbolizerThread,
+    symbols: Symbols,
+    oncpu: OnCpuProfile,
+    offcpu: OffCpuProfile,
+}
+
+impl Recording {
+    /// Flips the buffers, drains the idle ones, symbolizes what is new.
+    async fn drain(&mut self) -> anyhow::Result<()> {
+        self.probes.flip()?;
+        tokio::time::sleep(FLIP_GRACE).await;
+        let samples = self.probes.drain_oncpu()?;
+        let waits = self.probes.drain_offcpu()?;
+        let sample_stacks = samples.iter().map(|s| Stack {
+            pid: s.pid,
+            user: s.user.as_deref(),
+            kernel: s.kernel.as_deref(),
+        });
+        let wait_stacks = waits.iter().flat_map(|w| {
+            let waiter = Stack {
+                pid: w.pid,
+                user: w.user.as_deref(),
+                kernel: w.kernel.as_deref(),
+            };
+            let waker = w.waker.as_ref().map(|k| Stack {
+                pid: k.pid,
+                user: k.user.as_deref(),
+                kernel: k.kernel.as_deref(),
+            });
+            std::iter::once(waiter).chain(waker)
+        });
+        self.symbols
+            .resolve(sample_stacks.chain(wait_stacks), &self.symbolizer)
+            .await;
+        self.oncpu.add(samples);
+        self.offcpu.add(waits);
+        Ok(())
+    }
+}
 
 pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     let eff = privilege::effective().context("reading our capabilities")?;
@@ -51,35 +110,31 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     output::prepare_dir(&config.output_dir)?;
     raise_memlock_limit();
 
-    let symbolizer = SymbolizerThread::spawn().context("starting the symbolizer thread")?;
-    let mut collected = Collected::default();
+    let mut symbols = Symbols::default();
     for &pid in config.pids.iter().flatten() {
-        collected.remember_process(pid);
+        symbols.remember_process(pid);
     }
-    let mut sampler = OnCpuSampler::start(&SamplerOptions {
+    let probes = Probes::start(&ProbeOptions {
+        events: config.events,
         frequency_hz: config.frequency_hz,
         pids: config.pids.clone(),
         counts_max_entries: config.count_map_size,
         stacks_max_entries: config.stack_map_size,
+        offcpu_min_ns: config.off_cpu_min.as_nanos() as u64,
+        offcpu_threads_max_entries: config.off_cpu_threads,
     })
-    .context("setting up the on-CPU sampler")?;
+    .context("setting up the eBPF probes")?;
+    let mut rec = Recording {
+        probes,
+        symbolizer: SymbolizerThread::spawn().context("starting the symbolizer thread")?,
+        symbols,
+        oncpu: OnCpuProfile::default(),
+        offcpu: OffCpuProfile::default(),
+    };
 
     let started_wall = SystemTime::now();
     let started = Instant::now();
-    eprintln!(
-        "cprof: recording on-CPU stacks of {} at {} Hz {}; Ctrl-C to stop early",
-        config.pids.as_ref().map_or_else(
-            || "every process".to_owned(),
-            |p| format!(
-                "pid {}",
-                p.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
-            )
-        ),
-        config.frequency_hz,
-        config
-            .duration
-            .map_or_else(|| "until Ctrl-C".to_owned(), |d| format!("for {d:.1?}")),
-    );
+    eprintln!("cprof: recording {}; Ctrl-C to stop early", describe(config));
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -100,7 +155,7 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
             _ = sigint.recv() => break "interrupted (SIGINT)",
             _ = sigterm.recv() => break "terminated (SIGTERM)",
             _ = drain_tick.tick() => {
-                drain_once(&mut sampler, &mut collected, &symbolizer).await?;
+                rec.drain().await?;
                 if let Some(pids) = &config.pids
                     && !pids.iter().any(|&pid| procfs::process_alive(pid))
                 {
@@ -111,70 +166,152 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     };
     let elapsed = started.elapsed();
     // Detach first, then drain both buffers: the one written until now, and the other one (a
-    // sample may have landed in it during the last grace period). Nothing is counted after this.
-    sampler.stop()?;
-    drain_once(&mut sampler, &mut collected, &symbolizer).await?;
-    drain_once(&mut sampler, &mut collected, &symbolizer).await?;
-    let stats = sampler.stats()?;
-    drop(sampler);
-    eprintln!("cprof: stopped: {stop_reason}; writing the profile");
+    // program may have written to it during the last grace period). Nothing is counted after.
+    rec.probes.stop()?;
+    rec.drain().await?;
+    rec.drain().await?;
+    let stats = rec.probes.stats()?;
+    let still_waiting = rec.probes.offcpu_waiting();
+    eprintln!("cprof: stopped: {stop_reason}; writing the profiles");
 
-    let samples = collected.total_samples();
-    let comments = comments(config, &stats, collected.symbol_stats.unsymbolized);
-    let mut builder = collected.to_pprof(config.period_ns(), &comments);
-    builder.set_time(
-        started_wall
+    let unsymbolized = rec.symbols.stats.unsymbolized;
+    let evicted = stats
+        .get(stat::OFFCPU_STARTS)
+        .saturating_sub(stats.get(stat::OFFCPU_ENDS) + still_waiting);
+    let comments = comments(config, &stats, unsymbolized, evicted, still_waiting);
+    let time = |mut p: Profile| {
+        p.time_nanos = started_wall
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64),
-        elapsed.as_nanos() as i64,
-    );
-    let profile = builder.finish();
-    let cpu_profile = config.output_dir.join("cpu.pb.gz");
-    output::write_atomic(&cpu_profile, &pprof::encode_gzip(&profile))?;
+            .map_or(0, |d| d.as_nanos() as i64);
+        p.duration_nanos = elapsed.as_nanos() as i64;
+        p
+    };
+    let mut files = Vec::new();
+    let mut write = |name: &str, profile: &Profile| -> anyhow::Result<()> {
+        let path = config.output_dir.join(name);
+        output::write_atomic(&path, &pprof::encode_gzip(profile))?;
+        files.push(path);
+        Ok(())
+    };
+    let mut cpu = None;
+    if config.events.cpu {
+        let profile = time(rec.oncpu.to_pprof(&rec.symbols, config.period_ns(), &comments));
+        write("cpu.pb.gz", &profile)?;
+        cpu = Some(CpuSummary {
+            samples: rec.oncpu.total_samples(),
+            top: top_functions(&profile, 0, config.top),
+        });
+    }
+    let mut offcpu = None;
+    if config.events.offcpu {
+        let profile = time(rec.offcpu.to_offcpu_pprof(&rec.symbols, &comments));
+        write("offcpu.pb.gz", &profile)?;
+        write(
+            "offwake.pb.gz",
+            &time(rec.offcpu.to_offwake_pprof(&rec.symbols, &comments)),
+        )?;
+        let (total_ns, waits) = rec.offcpu.totals();
+        let label = |s: &pprof::proto::Sample| {
+            format!(
+                "{} {}",
+                profile.label_str(s, "comm").unwrap_or("?"),
+                profile.label_str(s, "state").unwrap_or("?")
+            )
+        };
+        offcpu = Some(OffCpuSummary {
+            total_ns,
+            waits,
+            evicted,
+            top: top_stacks(&profile, 1, 0, config.top, label),
+        });
+    }
     Ok(RecordReport {
-        cpu_profile,
-        samples,
+        files,
         stats,
-        unsymbolized: collected.symbol_stats.unsymbolized,
-        top: top_functions(&profile, config.top),
+        unsymbolized,
         elapsed,
         stop_reason,
+        cpu,
+        offcpu,
     })
 }
 
-async fn drain_once(
-    sampler: &mut OnCpuSampler,
-    collected: &mut Collected,
-    symbolizer: &SymbolizerThread,
-) -> anyhow::Result<()> {
-    sampler.flip()?;
-    tokio::time::sleep(FLIP_GRACE).await;
-    let raw = sampler.drain_idle()?;
-    collected.add(raw, symbolizer).await;
-    Ok(())
+fn describe(config: &RecordConfig) -> String {
+    let what = match (config.events.cpu, config.events.offcpu) {
+        (true, true) => "on-CPU and off-CPU stacks",
+        (false, true) => "off-CPU stacks",
+        _ => "on-CPU stacks",
+    };
+    let whom = config.pids.as_ref().map_or_else(
+        || "every process".to_owned(),
+        |p| {
+            let pids: Vec<_> = p.iter().map(u32::to_string).collect();
+            format!("pid {}", pids.join(", "))
+        },
+    );
+    let rate = if config.events.cpu {
+        format!(" at {} Hz", config.frequency_hz)
+    } else {
+        String::new()
+    };
+    let until = config
+        .duration
+        .map_or_else(|| "until Ctrl-C".to_owned(), |d| format!("for {d:.1?}"));
+    format!("{what} of {whom}{rate} {until}")
 }
 
-fn comments(config: &RecordConfig, stats: &SamplerStats, unsymbolized: u64) -> Vec<String> {
-    vec![
-        format!("cprof {} on-CPU profile", env!("CARGO_PKG_VERSION")),
-        format!("frequency: {} Hz per CPU (cpu-clock)", config.frequency_hz),
-        format!(
+fn comments(
+    config: &RecordConfig,
+    stats: &ProbeStats,
+    unsymbolized: u64,
+    evicted: u64,
+    still_waiting: u64,
+) -> Vec<String> {
+    let mut lines = vec![format!("cprof {}", env!("CARGO_PKG_VERSION"))];
+    if config.events.cpu {
+        lines.push(format!(
+            "frequency: {} Hz per CPU (cpu-clock)",
+            config.frequency_hz
+        ));
+        lines.push(format!(
             "samples: seen {}, recorded {}, lost {} (count map full), filtered {}, idle {}",
             stats.get(stat::SAMPLES_SEEN),
             stats.get(stat::SAMPLES_RECORDED),
             stats.lost_samples(),
             stats.get(stat::SAMPLES_FILTERED),
             stats.get(stat::SAMPLES_IDLE),
-        ),
-        format!(
+        ));
+        lines.push(format!(
             "stacks lost: user {} map full, {} collisions; kernel {} map full, {} collisions",
             stats.get(stat::USER_STACK_MAP_FULL),
             stats.get(stat::USER_STACK_COLLISION),
             stats.get(stat::KERNEL_STACK_MAP_FULL),
             stats.get(stat::KERNEL_STACK_COLLISION),
-        ),
-        format!("unsymbolized addresses: {unsymbolized}"),
-    ]
+        ));
+    }
+    if config.events.offcpu {
+        lines.push(format!(
+            "off-CPU waits: started {}, ended {}, recorded {}, shorter than {:?} {}, lost {} (map full), evicted {} (start map full), still waiting {}",
+            stats.get(stat::OFFCPU_STARTS),
+            stats.get(stat::OFFCPU_ENDS),
+            stats.get(stat::OFFCPU_RECORDED),
+            config.off_cpu_min,
+            stats.get(stat::OFFCPU_SHORT),
+            stats.get(stat::OFFCPU_DROPPED_FULL),
+            evicted,
+            still_waiting,
+        ));
+        lines.push(format!(
+            "off-CPU stacks lost: {} map full, {} collisions; wakers recorded {}; starts replaced {}; task reads failed {}",
+            stats.get(stat::OFFCPU_STACK_MAP_FULL),
+            stats.get(stat::OFFCPU_STACK_COLLISION),
+            stats.get(stat::OFFCPU_WAKERS),
+            stats.get(stat::OFFCPU_REPLACED),
+            stats.get(stat::OFFCPU_READ_ERRORS),
+        ));
+    }
+    lines.push(format!("unsymbolized addresses: {unsymbolized}"));
+    lines
 }
 
 /// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; later ones to the memory cgroup.
@@ -200,40 +337,91 @@ pub fn summary(report: &RecordReport) -> String {
     let s = &report.stats;
     let _ = writeln!(
         out,
-        "Recorded {} samples in {:.1?} ({}).",
-        report.samples, report.elapsed, report.stop_reason
+        "Recorded for {:.1?} ({}).",
+        report.elapsed, report.stop_reason
     );
-    let _ = writeln!(
-        out,
-        "Lost samples: {} (count map full); lost stacks: {}; unsymbolized addresses: {}",
-        s.lost_samples(),
-        s.lost_stacks(),
-        report.unsymbolized
-    );
-    if report.samples > 0 {
+    if let Some(cpu) = &report.cpu {
         let _ = writeln!(
             out,
-            "\n{:>8} {:>7} {:>8} {:>7}  function",
-            "self", "self%", "total", "total%"
+            "\nOn-CPU: {} samples. Lost samples: {} (count map full); lost stacks: {}",
+            cpu.samples,
+            s.lost_samples(),
+            s.lost_stacks(),
         );
-        for t in &report.top {
-            let pct = |n: u64| 100.0 * n as f64 / report.samples as f64;
+        if cpu.samples > 0 {
             let _ = writeln!(
                 out,
-                "{:>8} {:>6.1}% {:>8} {:>6.1}%  {}",
-                t.self_samples,
-                pct(t.self_samples),
-                t.total_samples,
-                pct(t.total_samples),
-                t.name
+                "{:>8} {:>7} {:>8} {:>7}  function",
+                "self", "self%", "total", "total%"
             );
+            let pct = |n: u64| 100.0 * n as f64 / cpu.samples as f64;
+            for t in &cpu.top {
+                let _ = writeln!(
+                    out,
+                    "{:>8} {:>6.1}% {:>8} {:>6.1}%  {}",
+                    t.self_samples,
+                    pct(t.self_samples),
+                    t.total_samples,
+                    pct(t.total_samples),
+                    t.name
+                );
+            }
         }
     }
-    let _ = writeln!(out, "\nProfile: {}", report.cpu_profile.display());
-    let _ = writeln!(
-        out,
-        "Open it with: go tool pprof -http=: {}",
-        report.cpu_profile.display()
-    );
+    if let Some(off) = &report.offcpu {
+        let _ = writeln!(
+            out,
+            "\nOff-CPU: {:.3} s waited in {} waits. Lost waits: {} (map full), {} (start map full); lost stacks: {}",
+            off.total_ns as f64 / 1e9,
+            off.waits,
+            s.get(stat::OFFCPU_DROPPED_FULL),
+            off.evicted,
+            s.get(stat::OFFCPU_STACK_MAP_FULL) + s.get(stat::OFFCPU_STACK_COLLISION),
+        );
+        if off.waits > 0 {
+            let _ = writeln!(
+                out,
+                "{:>10} {:>6} {:>8}  {:<20} user stack (leaf first)",
+                "waited", "%", "waits", "thread state"
+            );
+            for t in &off.top {
+                let mut frames = t.frames.clone();
+                if frames.len() > 90 {
+                    frames.truncate(frames.floor_char_boundary(87));
+                    frames.push_str("...");
+                }
+                let _ = writeln!(
+                    out,
+                    "{:>8.1}ms {:>5.1}% {:>8}  {:<20} {}",
+                    t.value as f64 / 1e6,
+                    100.0 * t.value as f64 / off.total_ns.max(1) as f64,
+                    t.count,
+                    t.label,
+                    frames
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "\nUnsymbolized addresses: {}", report.unsymbolized);
+    for file in &report.files {
+        let _ = writeln!(out, "Profile: {}", file.display());
+    }
+    if let Some(first) = report.files.first() {
+        let _ = writeln!(out, "Open with: go tool pprof -http=: {}", first.display());
+    }
     out
+}
+
+/// Letters of the states present in an off-CPU profile (for tests and tools).
+#[must_use]
+pub fn states_in(profile: &Profile) -> Vec<String> {
+    let mut states: Vec<String> = profile
+        .sample
+        .iter()
+        .filter_map(|s| profile.label_str(s, "state").map(str::to_owned))
+        .collect();
+    states.sort();
+    states.dedup();
+    let _ = state_letter;
+    states
 }

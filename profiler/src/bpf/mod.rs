@@ -1,0 +1,316 @@
+//! Loading cprof's eBPF object, attaching the programs of the requested events, and draining the
+//! aggregates they keep in the kernel.
+//!
+//! Draining never races the programs: aggregates are double-buffered. [`Probes::flip`] points the
+//! programs at the other buffer; once in-flight programs have finished (the caller waits a few
+//! milliseconds), the `drain_*` methods read and clear the idle one.
+//!
+//! Needs: Linux 5.8+, CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), BTF for off-CPU.
+
+mod offcpu;
+mod oncpu;
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::ProgramError;
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use profiler_common::{globals, maps as m, stat};
+
+pub use offcpu::{RawWait, Waker};
+pub use oncpu::RawSample;
+
+/// The eBPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+
+/// Why the probes could not be set up or read.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("this cprof was built without its eBPF programs (AYA_BUILD_SKIP was set)")]
+    NotBuilt,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching the cpu-clock perf event on CPU {cpu}: {source}")]
+    Attach {
+        cpu: u32,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("listing online CPUs ({path}): {source}")]
+    Cpus {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading kernel BTF (needed by off-CPU): {0}")]
+    Btf(#[from] crate::btf::BtfError),
+    #[error("kernel BTF for the tracepoints: {0}")]
+    KernelBtf(#[from] aya::BtfError),
+}
+
+/// Which signals to record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Events {
+    pub cpu: bool,
+    pub offcpu: bool,
+}
+
+/// How to set up the probes.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub events: Events,
+    /// On-CPU samples per second per CPU.
+    pub frequency_hz: u64,
+    /// Processes to record; `None` records every process.
+    pub pids: Option<Vec<u32>>,
+    /// On-CPU: distinct (thread, stacks) keys per buffer.
+    pub counts_max_entries: u32,
+    /// On-CPU: distinct stacks per buffer.
+    pub stacks_max_entries: u32,
+    /// Off-CPU: waits shorter than this are not recorded.
+    pub offcpu_min_ns: u64,
+    /// Off-CPU: threads tracked while switched out (LRU).
+    pub offcpu_threads_max_entries: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            events: Events {
+                cpu: true,
+                offcpu: false,
+            },
+            frequency_hz: 99,
+            pids: None,
+            counts_max_entries: m::COUNTS_MAX_ENTRIES,
+            stacks_max_entries: m::STACKS_MAX_ENTRIES,
+            offcpu_min_ns: 1_000,
+            offcpu_threads_max_entries: m::OFFCPU_START_MAX_ENTRIES,
+        }
+    }
+}
+
+/// Totals of the programs' per-CPU counters (see `profiler_common::stat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeStats {
+    pub counters: [u64; stat::COUNT as usize],
+}
+
+impl ProbeStats {
+    #[must_use]
+    pub fn get(&self, index: u32) -> u64 {
+        self.counters[index as usize]
+    }
+
+    /// On-CPU samples that were lost: seen by the program but not recorded.
+    #[must_use]
+    pub fn lost_samples(&self) -> u64 {
+        self.get(stat::DROPPED_COUNTS_FULL)
+    }
+
+    /// On-CPU stacks not captured because the stack map was full or a hash bucket was taken.
+    #[must_use]
+    pub fn lost_stacks(&self) -> u64 {
+        [
+            stat::USER_STACK_MAP_FULL,
+            stat::USER_STACK_COLLISION,
+            stat::KERNEL_STACK_MAP_FULL,
+            stat::KERNEL_STACK_COLLISION,
+        ]
+        .iter()
+        .map(|&i| self.get(i))
+        .sum()
+    }
+}
+
+/// The loaded and attached probes. Dropping it detaches and unloads everything.
+pub struct Probes {
+    ebpf: Ebpf,
+    active_buffer: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    active: u32,
+    oncpu: Option<oncpu::OnCpu>,
+    offcpu: Option<offcpu::OffCpu>,
+}
+
+impl Probes {
+    /// Loads the programs of `options.events` and attaches them.
+    pub fn start(options: &ProbeOptions) -> Result<Self, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NotBuilt);
+        }
+        let filter = u32::from(options.pids.is_some());
+        let task_pid_offset = if options.events.offcpu {
+            crate::btf::Btf::kernel()?.field_offset("task_struct", "pid")?
+        } else {
+            0
+        };
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(globals::FILTER_PIDS, &filter, true)
+            .override_global(globals::TASK_PID_OFFSET, &task_pid_offset, true)
+            .override_global(globals::OFFCPU_MIN_NS, &options.offcpu_min_ns, true);
+        // Maps of events not recorded shrink to one entry: they are created all the same.
+        let size = |on: bool, n: u32| if on { n } else { 1 };
+        let (cpu, off) = (options.events.cpu, options.events.offcpu);
+        for (name, n) in [
+            (m::COUNTS_A, size(cpu, options.counts_max_entries)),
+            (m::COUNTS_B, size(cpu, options.counts_max_entries)),
+            (m::STACKS_A, size(cpu, options.stacks_max_entries)),
+            (m::STACKS_B, size(cpu, options.stacks_max_entries)),
+            (m::OFFCPU_A, size(off, m::OFFCPU_MAX_ENTRIES)),
+            (m::OFFCPU_B, size(off, m::OFFCPU_MAX_ENTRIES)),
+            (m::OFFCPU_STACKS, size(off, m::OFFCPU_STACKS_MAX_ENTRIES)),
+            (m::OFFCPU_START, size(off, options.offcpu_threads_max_entries)),
+        ] {
+            loader.map_max_entries(name, n);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+
+        let mut targets: HashMap<MapData, u32, u8> = take_map(&mut ebpf, m::TARGET_PIDS)?;
+        for &pid in options.pids.iter().flatten() {
+            targets.insert(pid, 1, 0).map_err(|source| BpfError::Map {
+                name: m::TARGET_PIDS,
+                source,
+            })?;
+        }
+        let active_buffer = take_map(&mut ebpf, m::ACTIVE_BUFFER)?;
+        let stats = take_map(&mut ebpf, m::STATS)?;
+        let oncpu = if cpu {
+            Some(oncpu::OnCpu::attach(&mut ebpf, options.frequency_hz)?)
+        } else {
+            None
+        };
+        let offcpu = if off {
+            Some(offcpu::OffCpu::attach(&mut ebpf)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            ebpf,
+            active_buffer,
+            stats,
+            active: 0,
+            oncpu,
+            offcpu,
+        })
+    }
+
+    /// Points the programs at the other buffer. Wait for in-flight programs (a few ms is ample:
+    /// they run for microseconds) before draining.
+    pub fn flip(&mut self) -> Result<(), BpfError> {
+        let next = 1 - self.active;
+        self.active_buffer
+            .set(0, next, 0)
+            .map_err(|source| BpfError::Map {
+                name: m::ACTIVE_BUFFER,
+                source,
+            })?;
+        self.active = next;
+        Ok(())
+    }
+
+    fn idle(&self) -> usize {
+        (1 - self.active) as usize
+    }
+
+    /// Reads and clears the idle on-CPU buffer (empty when on-CPU is not recorded).
+    pub fn drain_oncpu(&mut self) -> Result<Vec<RawSample>, BpfError> {
+        let idle = self.idle();
+        self.oncpu.as_mut().map_or(Ok(Vec::new()), |o| o.drain(idle))
+    }
+
+    /// Reads and clears the idle off-CPU buffer (empty when off-CPU is not recorded).
+    pub fn drain_offcpu(&mut self) -> Result<Vec<RawWait>, BpfError> {
+        let idle = self.idle();
+        self.offcpu.as_mut().map_or(Ok(Vec::new()), |o| o.drain(idle))
+    }
+
+    /// Threads switched out and not back yet (off-CPU).
+    #[must_use]
+    pub fn offcpu_waiting(&self) -> u64 {
+        self.offcpu.as_ref().map_or(0, offcpu::OffCpu::waiting)
+    }
+
+    /// Detaches every program. The maps stay readable, so that what was collected up to now can
+    /// be drained completely and the counters agree with it exactly.
+    pub fn stop(&mut self) -> Result<(), BpfError> {
+        let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+        for name in names {
+            if let Some(program) = self.ebpf.program_mut(&name) {
+                // A program never loaded answers NotLoaded: nothing to detach.
+                match program_unload(program) {
+                    Ok(()) | Err(ProgramError::NotLoaded) => {}
+                    Err(source) => {
+                        return Err(BpfError::Program {
+                            name: "unload",
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn stats(&self) -> Result<ProbeStats, BpfError> {
+        let mut stats = ProbeStats::default();
+        for (i, total) in stats.counters.iter_mut().enumerate() {
+            let values = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|source| BpfError::Map {
+                    name: m::STATS,
+                    source,
+                })?;
+            *total = values.iter().sum();
+        }
+        Ok(stats)
+    }
+}
+
+fn program_unload(program: &mut aya::programs::Program) -> Result<(), ProgramError> {
+    use aya::programs::Program;
+    match program {
+        Program::PerfEvent(p) => p.unload(),
+        Program::BtfTracePoint(p) => p.unload(),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| BpfError::Map { name, source })
+}
+
+pub(crate) fn comm_string(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn comm_stops_at_nul() {
+        assert_eq!(super::comm_string(b"worker\0\0\0garbage"), "worker");
+        assert_eq!(super::comm_string(b"sixteen-chars-xx"), "sixteen-chars-xx");
+    }
+}

@@ -1,0 +1,130 @@
+//! The off-CPU probes: `sched_switch` and `sched_waking` BTF tracepoints, waits aggregated in
+//! double-buffered per-CPU hash maps keyed by (thread, stacks, state, waker).
+
+use std::collections::HashMap;
+
+use aya::Ebpf;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, StackTraceMap};
+use aya::programs::BtfTracePoint;
+use profiler_common::{NO_STACK, OffCpuKey, OffCpuStart, OffCpuValue, maps as m};
+
+use super::{BpfError, comm_string, take_map};
+
+const PROGRAMS: [(&str, &str); 2] = [
+    ("on_sched_switch", "sched_switch"),
+    ("on_sched_waking", "sched_waking"),
+];
+
+/// Who woke a waiting thread.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Waker {
+    pub pid: u32,
+    pub comm: String,
+    pub user: Option<Vec<u64>>,
+    pub kernel: Option<Vec<u64>>,
+}
+
+/// One drained off-CPU aggregate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawWait {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    /// A `profiler_common::task_state` value.
+    pub state: u32,
+    pub user: Option<Vec<u64>>,
+    pub kernel: Option<Vec<u64>>,
+    pub waker: Option<Waker>,
+    pub total_ns: u64,
+    pub count: u64,
+}
+
+pub(super) struct OffCpu {
+    waits: [PerCpuHashMap<MapData, OffCpuKey, OffCpuValue>; 2],
+    stacks: StackTraceMap<MapData>,
+    // An LRU hash map; aya reads it through its HashMap type.
+    starts: BpfHashMap<MapData, u32, OffCpuStart>,
+    /// Stack ids are never reused while the map is not cleared: read each one once.
+    stack_cache: HashMap<i32, Option<Vec<u64>>>,
+}
+
+impl OffCpu {
+    pub(super) fn attach(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        let off_cpu = Self {
+            waits: [take_map(ebpf, m::OFFCPU_A)?, take_map(ebpf, m::OFFCPU_B)?],
+            stacks: take_map(ebpf, m::OFFCPU_STACKS)?,
+            starts: take_map(ebpf, m::OFFCPU_START)?,
+            stack_cache: HashMap::new(),
+        };
+        let btf = aya::Btf::from_sys_fs()?;
+        for (name, tracepoint) in PROGRAMS {
+            let program_err = |source| BpfError::Program { name, source };
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::MissingProgram(name))?
+                .try_into()
+                .map_err(program_err)?;
+            program.load(tracepoint, &btf).map_err(program_err)?;
+            program.attach().map_err(program_err)?;
+        }
+        Ok(off_cpu)
+    }
+
+    pub(super) fn waiting(&self) -> u64 {
+        self.starts.keys().filter(Result::is_ok).count() as u64
+    }
+
+    fn stack(&mut self, id: i32) -> Option<Vec<u64>> {
+        if id == NO_STACK {
+            return None;
+        }
+        let stacks = &self.stacks;
+        self.stack_cache
+            .entry(id)
+            .or_insert_with(|| {
+                stacks
+                    .get(&(id as u32), 0)
+                    .ok()
+                    .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
+            })
+            .clone()
+    }
+
+    /// Reads and clears buffer `idle`.
+    pub(super) fn drain(&mut self, idle: usize) -> Result<Vec<RawWait>, BpfError> {
+        let name = if idle == 0 { m::OFFCPU_A } else { m::OFFCPU_B };
+        let mut entries = Vec::new();
+        for entry in self.waits[idle].iter() {
+            let (key, per_cpu) = entry.map_err(|source| BpfError::Map { name, source })?;
+            let total = per_cpu.iter().fold(OffCpuValue::default(), |acc, v| OffCpuValue {
+                total_ns: acc.total_ns + v.total_ns,
+                count: acc.count + v.count,
+            });
+            entries.push((key, total));
+        }
+        let mut waits = Vec::with_capacity(entries.len());
+        for (key, value) in &entries {
+            let waker = (key.waker_pid != 0).then(|| Waker {
+                pid: key.waker_pid,
+                comm: comm_string(&key.waker_comm),
+                user: self.stack(key.waker_user_stack_id),
+                kernel: self.stack(key.waker_kernel_stack_id),
+            });
+            waits.push(RawWait {
+                pid: key.pid,
+                tid: key.tid,
+                comm: comm_string(&key.comm),
+                state: key.state,
+                user: self.stack(key.user_stack_id),
+                kernel: self.stack(key.kernel_stack_id),
+                waker,
+                total_ns: value.total_ns,
+                count: value.count,
+            });
+        }
+        for (key, _) in &entries {
+            let _ = self.waits[idle].remove(key);
+        }
+        Ok(waits)
+    }
+}

@@ -1,0 +1,277 @@
+//! The symbols of a recording: the memory maps of every process seen (read when first seen, so
+//! exited processes still symbolize), the frames of every address (resolved in batches by the
+//! symbolizer thread, while files are still there), and turning stacks into pprof locations.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+
+use crate::pprof::{FrameLine, MappingInfo, PprofBuilder};
+use crate::procfs::{self, ProcessInfo};
+use crate::symbolize::{Batch, Frames, SymbolizerThread};
+
+/// Counts of what could not be resolved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SymbolStats {
+    /// Distinct addresses that got no symbol.
+    pub unsymbolized: u64,
+    /// Processes that were gone before their memory maps could be read.
+    pub processes_unreadable: u64,
+}
+
+/// Where a user address lives: the file and the offset in it, as symbolization wants it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FileAddr {
+    path: PathBuf,
+    offset: u64,
+}
+
+/// A stack as the programs captured it: user and kernel frames, leaf first.
+#[derive(Clone, Copy, Debug)]
+pub struct Stack<'a> {
+    pub pid: u32,
+    pub user: Option<&'a [u64]>,
+    pub kernel: Option<&'a [u64]>,
+}
+
+#[derive(Default)]
+pub struct Symbols {
+    /// `None`: the process was gone before we could read it.
+    processes: HashMap<u32, Option<ProcessInfo>>,
+    user_symbols: HashMap<FileAddr, Frames>,
+    kernel_symbols: HashMap<u64, Frames>,
+    pub stats: SymbolStats,
+}
+
+/// Address used to look a frame up: return addresses point after the call, so all but the frame
+/// that was interrupted are looked up one byte earlier, inside the call instruction.
+fn lookup_addr(address: u64, precise: bool) -> u64 {
+    if precise {
+        address
+    } else {
+        address.saturating_sub(1)
+    }
+}
+
+/// The user frame at index `i` is the interrupted instruction only when the stack has no kernel
+/// part (otherwise it is the return address of the syscall).
+fn user_precise(i: usize, stack: &Stack<'_>) -> bool {
+    i == 0 && stack.kernel.is_none()
+}
+
+impl Symbols {
+    /// Reads `pid`'s maps now, if not already known.
+    pub fn remember_process(&mut self, pid: u32) {
+        if self.processes.contains_key(&pid) {
+            return;
+        }
+        let info = ProcessInfo::read(pid).ok();
+        if info.is_none() {
+            self.stats.processes_unreadable += 1;
+        }
+        self.processes.insert(pid, info);
+    }
+
+    /// The name of process `pid`, if it was read.
+    #[must_use]
+    pub fn process_name(&self, pid: u32) -> Option<&str> {
+        self.processes
+            .get(&pid)
+            .and_then(Option::as_ref)
+            .map(|p| p.name.as_str())
+    }
+
+    /// Symbolizes every address of `stacks` not seen before.
+    pub async fn resolve<'a>(
+        &mut self,
+        stacks: impl IntoIterator<Item = Stack<'a>>,
+        symbolizer: &SymbolizerThread,
+    ) {
+        let mut new_user: HashMap<PathBuf, HashSet<u64>> = HashMap::new();
+        let mut new_kernel: HashSet<u64> = HashSet::new();
+        for stack in stacks {
+            self.remember_process(stack.pid);
+            for (i, &addr) in stack.kernel.unwrap_or_default().iter().enumerate() {
+                let addr = lookup_addr(addr, i == 0);
+                if !self.kernel_symbols.contains_key(&addr) {
+                    new_kernel.insert(addr);
+                }
+            }
+            let Some(Some(info)) = self.processes.get(&stack.pid) else {
+                continue;
+            };
+            for (i, &addr) in stack.user.unwrap_or_default().iter().enumerate() {
+                if let Some(fa) = file_addr(info, lookup_addr(addr, user_precise(i, &stack)))
+                    && !self.user_symbols.contains_key(&fa)
+                {
+                    new_user.entry(fa.path).or_default().insert(fa.offset);
+                }
+            }
+        }
+        if new_user.is_empty() && new_kernel.is_empty() {
+            return;
+        }
+        let batch = Batch {
+            files: new_user
+                .into_iter()
+                .map(|(path, offsets)| (path, offsets.into_iter().collect()))
+                .collect(),
+            kernel: new_kernel.into_iter().collect(),
+        };
+        let (batch, resolved) = symbolizer.symbolize(batch).await;
+        for ((path, offsets), frames) in batch.files.into_iter().zip(resolved.files) {
+            for (offset, frames) in offsets.into_iter().zip(frames) {
+                self.stats.unsymbolized += u64::from(frames.is_empty());
+                let path = path.clone();
+                self.user_symbols.insert(FileAddr { path, offset }, frames);
+            }
+        }
+        for (addr, frames) in batch.kernel.into_iter().zip(resolved.kernel) {
+            self.stats.unsymbolized += u64::from(frames.is_empty());
+            self.kernel_symbols.insert(addr, frames);
+        }
+    }
+}
+
+/// The file and file offset of `addr` in `info`'s executable mappings.
+fn file_addr(info: &ProcessInfo, addr: u64) -> Option<FileAddr> {
+    let entry = info.mapping_of(addr)?;
+    if !entry.is_file() || entry.is_deleted() {
+        return None;
+    }
+    Some(FileAddr {
+        path: info.host_path(entry),
+        offset: addr - entry.start + entry.offset,
+    })
+}
+
+/// Writes stacks into one pprof, adding each mapping once.
+pub struct StackWriter<'s> {
+    pub builder: PprofBuilder,
+    symbols: &'s Symbols,
+    kernel_mapping: Option<u64>,
+    mappings: HashMap<(u32, u64), u64>,
+    build_ids: HashMap<PathBuf, String>,
+}
+
+impl<'s> StackWriter<'s> {
+    #[must_use]
+    pub fn new(builder: PprofBuilder, symbols: &'s Symbols) -> Self {
+        Self {
+            builder,
+            symbols,
+            kernel_mapping: None,
+            mappings: HashMap::new(),
+            build_ids: HashMap::new(),
+        }
+    }
+
+    /// Location ids of `stack`, leaf first: kernel frames, then user frames. A stack with no
+    /// frames at all gets the placeholder `[stack not captured]`.
+    pub fn locations(&mut self, stack: &Stack<'_>) -> Vec<u64> {
+        let mut locations = Vec::new();
+        if let Some(kernel) = stack.kernel {
+            let mapping = self.kernel_mapping();
+            for (i, &addr) in kernel.iter().enumerate() {
+                let frames = self
+                    .symbols
+                    .kernel_symbols
+                    .get(&lookup_addr(addr, i == 0))
+                    .map_or(&[][..], Vec::as_slice);
+                locations.push(self.builder.location(mapping, addr, frames));
+            }
+        }
+        let info = self.symbols.processes.get(&stack.pid).and_then(Option::as_ref);
+        for (i, &addr) in stack.user.unwrap_or_default().iter().enumerate() {
+            let found = info.and_then(|info| info.mapping_of(addr).map(|entry| (info, entry)));
+            let (mapping, frames) = match found {
+                Some((info, entry)) => {
+                    let mapping = self.user_mapping(stack.pid, info, entry);
+                    let frames = file_addr(info, lookup_addr(addr, user_precise(i, stack)))
+                        .and_then(|fa| self.symbols.user_symbols.get(&fa))
+                        .map_or(&[][..], Vec::as_slice);
+                    (mapping, frames)
+                }
+                None => (0, &[][..]),
+            };
+            locations.push(self.builder.location(mapping, addr, frames));
+        }
+        if locations.is_empty() {
+            locations.push(self.builder.pseudo_location("[stack not captured]"));
+        }
+        locations
+    }
+
+    fn kernel_mapping(&mut self) -> u64 {
+        if let Some(id) = self.kernel_mapping {
+            return id;
+        }
+        let id = self.builder.add_mapping(&MappingInfo {
+            memory_start: 0xffff_8000_0000_0000,
+            memory_limit: u64::MAX,
+            file_offset: 0,
+            path: "[kernel]".into(),
+            build_id: procfs::kernel_build_id().unwrap_or_default(),
+            symbolized: true,
+        });
+        self.kernel_mapping = Some(id);
+        id
+    }
+
+    fn user_mapping(&mut self, pid: u32, info: &ProcessInfo, entry: &procfs::MapEntry) -> u64 {
+        if let Some(&id) = self.mappings.get(&(pid, entry.start)) {
+            return id;
+        }
+        let host = info.host_path(entry);
+        let build_id = self
+            .build_ids
+            .entry(host.clone())
+            .or_insert_with(|| procfs::build_id(&host).unwrap_or_default())
+            .clone();
+        let id = self.builder.add_mapping(&MappingInfo {
+            memory_start: entry.start,
+            memory_limit: entry.end,
+            file_offset: entry.offset,
+            path: entry.path.clone(),
+            build_id,
+            symbolized: entry.is_file(),
+        });
+        self.mappings.insert((pid, entry.start), id);
+        id
+    }
+}
+
+impl FrameLine {
+    /// A frame that names a function without source information.
+    #[must_use]
+    pub fn named(function: &str) -> Self {
+        Self {
+            function: function.to_owned(),
+            file: None,
+            line: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn return_addresses_are_looked_up_inside_the_call() {
+        assert_eq!(lookup_addr(0x1000, true), 0x1000);
+        assert_eq!(lookup_addr(0x1000, false), 0xfff);
+        let user = [1u64, 2];
+        let in_kernel = Stack {
+            pid: 1,
+            user: Some(&user),
+            kernel: Some(&user),
+        };
+        let in_user = Stack {
+            kernel: None,
+            ..in_kernel
+        };
+        assert!(!user_precise(0, &in_kernel), "a syscall's user frame is a return address");
+        assert!(user_precise(0, &in_user));
+        assert!(!user_precise(1, &in_user));
+    }
+}
