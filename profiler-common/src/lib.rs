@@ -68,7 +68,7 @@ pub mod globals {
 
 /// Indices into the per-CPU `STATS` array. Every way a sample can end is counted, so that
 /// `SAMPLES_SEEN == IDLE + FILTERED + RECORDED + DROPPED_COUNTS_FULL` holds, and likewise
-/// `OFFCPU_STARTS == OFFCPU_ENDS + evicted + still waiting` and
+/// `OFFCPU_STARTS == OFFCPU_ENDS + OFFCPU_REPLACED + evicted + still waiting` and
 /// `OFFCPU_ENDS == OFFCPU_RECORDED + OFFCPU_SHORT + OFFCPU_DROPPED_FULL`.
 pub mod stat {
     /// `perf_event` samples the program ran for.

@@ -150,16 +150,27 @@ impl OffCpuProfile {
         let mut w = StackWriter::new(builder(comments), symbols);
         for (key, totals) in sorted(self.waits.iter().map(|(k, t)| (k, *t))) {
             let waiter = w.locations(&key.stack());
+            // A wakeup from an interrupt runs on whatever task was interrupted: that task is
+            // not the waker, only the kernel stack (which interrupt) means something.
+            let from_interrupt = key
+                .waker
+                .as_ref()
+                .is_some_and(|k| k.kernel.as_deref().is_some_and(|s| symbols.in_interrupt(s)));
             let separator = match &key.waker {
+                Some(_) if from_interrupt => "--- woken by an interrupt ---".to_owned(),
                 Some(waker) => format!("--- woken by {} ---", waker.comm),
                 None if key.state == task_state::RUNNING => "--- preempted (runnable) ---".into(),
-                None => "--- waker not recorded ---".into(),
+                None => "--- waker not recorded (woken from idle) ---".into(),
             };
             // Leaf first, as the folded line reads from its top: the waker's stack upside down
             // (its root at the very top), the separator, then the waiter's stack.
             let mut locations = match &key.waker {
                 Some(waker) => {
-                    let mut l = w.locations(&waker_stack(waker));
+                    let stack = Stack {
+                        user: if from_interrupt { None } else { waker.user.as_deref() },
+                        ..waker_stack(waker)
+                    };
+                    let mut l = w.locations(&stack);
                     l.reverse();
                     l
                 }
@@ -175,7 +186,7 @@ impl OffCpuProfile {
                 ("process", LabelValue::Str(process)),
                 ("state", LabelValue::Str(state_letter(key.state))),
             ];
-            if let Some(waker) = &key.waker {
+            if let Some(waker) = key.waker.as_ref().filter(|_| !from_interrupt) {
                 labels.push(("waker_pid", LabelValue::Num(i64::from(waker.pid))));
                 labels.push(("waker_comm", LabelValue::Str(&waker.comm)));
             }

@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::bpf::{ProbeOptions, ProbeStats, Probes};
 use crate::config::RecordConfig;
-use crate::offcpu::{OffCpuProfile, state_letter};
+use crate::offcpu::OffCpuProfile;
 use crate::oncpu::OnCpuProfile;
 use crate::pprof::{self, Profile, ProfileExt as _};
 use crate::symbolize::SymbolizerThread;
@@ -175,9 +175,11 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     eprintln!("cprof: stopped: {stop_reason}; writing the profiles");
 
     let unsymbolized = rec.symbols.stats.unsymbolized;
-    let evicted = stats
-        .get(stat::OFFCPU_STARTS)
-        .saturating_sub(stats.get(stat::OFFCPU_ENDS) + still_waiting);
+    // The kernel does not say when an LRU map evicts: what started and neither ended, nor was
+    // replaced, nor is still there, was evicted.
+    let evicted = stats.get(stat::OFFCPU_STARTS).saturating_sub(
+        stats.get(stat::OFFCPU_ENDS) + stats.get(stat::OFFCPU_REPLACED) + still_waiting,
+    );
     let comments = comments(config, &stats, unsymbolized, evicted, still_waiting);
     let time = |mut p: Profile| {
         p.time_nanos = started_wall
@@ -302,7 +304,7 @@ fn comments(
             still_waiting,
         ));
         lines.push(format!(
-            "off-CPU stacks lost: {} map full, {} collisions; wakers recorded {}; starts replaced {}; task reads failed {}",
+            "off-CPU stacks lost: {} map full, {} collisions; wakers recorded {}; starts replaced (switch-in missed) {}; task reads failed {}",
             stats.get(stat::OFFCPU_STACK_MAP_FULL),
             stats.get(stat::OFFCPU_STACK_COLLISION),
             stats.get(stat::OFFCPU_WAKERS),
@@ -422,6 +424,5 @@ pub fn states_in(profile: &Profile) -> Vec<String> {
         .collect();
     states.sort();
     states.dedup();
-    let _ = state_letter;
     states
 }

@@ -80,6 +80,22 @@ impl Symbols {
             .map(|p| p.name.as_str())
     }
 
+    fn kernel_frames(&self, addr: u64, precise: bool) -> &[FrameLine] {
+        self.kernel_symbols
+            .get(&lookup_addr(addr, precise))
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Whether a kernel stack was captured in interrupt or softirq context.
+    #[must_use]
+    pub fn in_interrupt(&self, kernel: &[u64]) -> bool {
+        kernel.iter().enumerate().any(|(i, &addr)| {
+            self.kernel_frames(addr, i == 0)
+                .iter()
+                .any(|f| is_interrupt_frame(&f.function))
+        })
+    }
+
     /// Symbolizes every address of `stacks` not seen before.
     pub async fn resolve<'a>(
         &mut self,
@@ -132,6 +148,25 @@ impl Symbols {
     }
 }
 
+/// Frames of the BPF machinery that captured a stack from a tracepoint.
+fn is_tracing_frame(function: &str) -> bool {
+    function.starts_with("bpf_prog_")
+        || function.starts_with("bpf_trace_run")
+        || function.starts_with("__bpf_trace_")
+}
+
+/// Kernel functions that show a stack was taken in interrupt or softirq context, where the
+/// current task is whoever happened to be running.
+fn is_interrupt_frame(function: &str) -> bool {
+    function.starts_with("asm_sysvec_")
+        || function.starts_with("asm_common_interrupt")
+        || function.starts_with("asm_exc_")
+        || function == "handle_softirqs"
+        || function == "__do_softirq"
+        || function == "irq_exit_rcu"
+        || function == "__irq_exit_rcu"
+}
+
 /// The file and file offset of `addr` in `info`'s executable mappings.
 fn file_addr(info: &ProcessInfo, addr: u64) -> Option<FileAddr> {
     let entry = info.mapping_of(addr)?;
@@ -166,20 +201,34 @@ impl<'s> StackWriter<'s> {
     }
 
     /// Location ids of `stack`, leaf first: kernel frames, then user frames. A stack with no
-    /// frames at all gets the placeholder `[stack not captured]`.
+    /// frames at all gets the placeholder `[stack not captured]`. The frames of the BPF program
+    /// that captured a kernel stack (`bpf_prog_*`, `bpf_trace_run*`) are left out.
     pub fn locations(&mut self, stack: &Stack<'_>) -> Vec<u64> {
+        // User frames first, so that the first mapping of a profile is a program, not the kernel
+        // (`go tool pprof` names a profile after its first mapping).
+        let user = self.user_locations(stack);
         let mut locations = Vec::new();
         if let Some(kernel) = stack.kernel {
             let mapping = self.kernel_mapping();
+            let mut tracing_frames = true;
             for (i, &addr) in kernel.iter().enumerate() {
-                let frames = self
-                    .symbols
-                    .kernel_symbols
-                    .get(&lookup_addr(addr, i == 0))
-                    .map_or(&[][..], Vec::as_slice);
+                let frames = self.symbols.kernel_frames(addr, i == 0);
+                if tracing_frames && frames.first().is_some_and(|f| is_tracing_frame(&f.function)) {
+                    continue;
+                }
+                tracing_frames = false;
                 locations.push(self.builder.location(mapping, addr, frames));
             }
         }
+        locations.extend(user);
+        if locations.is_empty() {
+            locations.push(self.builder.pseudo_location("[stack not captured]"));
+        }
+        locations
+    }
+
+    fn user_locations(&mut self, stack: &Stack<'_>) -> Vec<u64> {
+        let mut locations = Vec::new();
         let info = self.symbols.processes.get(&stack.pid).and_then(Option::as_ref);
         for (i, &addr) in stack.user.unwrap_or_default().iter().enumerate() {
             let found = info.and_then(|info| info.mapping_of(addr).map(|entry| (info, entry)));
@@ -194,9 +243,6 @@ impl<'s> StackWriter<'s> {
                 None => (0, &[][..]),
             };
             locations.push(self.builder.location(mapping, addr, frames));
-        }
-        if locations.is_empty() {
-            locations.push(self.builder.pseudo_location("[stack not captured]"));
         }
         locations
     }

@@ -6,5 +6,6 @@
 //! A missing prerequisite (root, gcc, go) fails the test with a message; nothing is skipped.
 
 mod bad_input;
+mod offcpu;
 mod oncpu;
 mod util;

@@ -171,3 +171,154 @@ pub fn kill(pid: u32, signal: i32) {
     let rc = unsafe { libc::kill(pid as i32, signal) };
     assert_eq!(rc, 0, "kill({pid}, {signal})");
 }
+
+/// A workload that waits for a line on stdin before it starts its measured phase, so that a
+/// recording can attach first. Its stdout is captured.
+pub struct PausedWorkload {
+    pub child: Child,
+}
+
+impl PausedWorkload {
+    pub fn start(name: &str, args: &[&str]) -> Self {
+        let child = Command::new(workload_binary(name))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the workload");
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts the measured phase.
+    pub fn go(&mut self) {
+        use std::io::Write as _;
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        stdin.write_all(b"go\n").expect("writing to the workload");
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the workload to finish and returns what it printed.
+    pub fn finish(mut self) -> String {
+        let out = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().unwrap(),
+        )
+        .wait_with_output()
+        .unwrap();
+        assert!(out.status.success(), "the workload failed: {}", out.status);
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for PausedWorkload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `name=<number>` from a workload's output.
+pub fn measured(output: &str, name: &str) -> u64 {
+    let prefix = format!("{name}=");
+    output
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name}= in the workload's output: {output:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// A `cprof record` running in the background, started once it reports that it is recording.
+pub struct Recording {
+    child: Child,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Recording {
+    pub fn start(args: &[&str], dir: &Path) -> Self {
+        let mut child = cprof()
+            .arg("record")
+            .args(args)
+            .arg("--output")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running cprof");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("cprof: recording") => break,
+                Ok(line) if line.contains("error") => panic!("cprof failed to start: {line}"),
+                Ok(_) => {}
+                Err(e) => panic!("cprof did not start recording within 30 s ({e})"),
+            }
+        }
+        Self { child, stderr: rx }
+    }
+
+    /// Waits for cprof to exit by itself (within `deadline`); returns its stdout.
+    pub fn wait(mut self, deadline: Duration) -> String {
+        let start = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < deadline, "cprof did not finish within {deadline:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .unwrap();
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        assert!(out.status.success(), "cprof failed ({}): {stderr:?}", out.status);
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Decodes `dir/<name>`.
+pub fn read_named_profile(dir: &Path, name: &str) -> Profile {
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    pprof::decode(&bytes).unwrap_or_else(|e| panic!("decoding {}: {e}", path.display()))
+}
+
+/// The number after `prefix` in `text` (for summary lines and pprof comments).
+pub fn number_after(text: &str, prefix: &str) -> u64 {
+    let at = text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in:\n{text}"));
+    text[at + prefix.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {prefix:?} in:\n{text}"))
+}
+
+/// The comment of `p` that starts with `prefix`.
+pub fn comment<'p>(p: &'p Profile, prefix: &str) -> &'p str {
+    p.comment
+        .iter()
+        .map(|&c| p.str(c))
+        .find(|c| c.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no comment starting with {prefix:?}"))
+}

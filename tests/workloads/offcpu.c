@@ -7,7 +7,8 @@
  *   offcpu pingpong SECONDS   threads "pinger" and "ponger" bounce a byte over two pipes: the
  *                             ponger waits in pong_wait and is woken by the pinger in ping_send.
  *   offcpu saturate SECONDS   4 busy threads "spinner" on fewer CPUs: they wait runnable (R).
- *   offcpu churn SECONDS      short-lived threads and processes, many per second; prints
+ *   offcpu churn SECONDS      short-lived threads and processes, many per second, beside a
+ *                             crowd of 100 threads that keep sleeping 20 ms; prints
  *                             threads=<N> processes=<M>.
  *
  * A function that calls a libc syscall wrapper directly is not seen by a frame-pointer unwinder
@@ -111,6 +112,12 @@ static void *spinner(void *arg) {
     return NULL;
 }
 
+static void *crowd(void *arg) {
+    (void)arg;
+    while (!stop) do_sleep(20000000);
+    return NULL;
+}
+
 static void *short_life(void *arg) {
     (void)arg;
     do_sleep(200000);
@@ -144,6 +151,8 @@ int main(int argc, char **argv) {
         stop = 1;
         for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
     } else if (strcmp(argv[1], "churn") == 0) {
+        pthread_t crowds[100];
+        for (int i = 0; i < 100; i++) pthread_create(&crowds[i], NULL, crowd, NULL);
         long long end = now_ns() + (long long)(run_seconds * 1e9);
         long threads = 0, processes = 0;
         while (now_ns() < end) {
@@ -159,6 +168,8 @@ int main(int argc, char **argv) {
             waitpid(child, NULL, 0);
             processes++;
         }
+        stop = 1;
+        for (int i = 0; i < 100; i++) pthread_join(crowds[i], NULL);
         printf("threads=%ld processes=%ld\n", threads, processes);
     } else {
         fprintf(stderr, "unknown mode %s\n", argv[1]);
