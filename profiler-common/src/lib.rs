@@ -167,7 +167,8 @@ pub struct OffCpuStart {
     pub waker_pid: u32,
     pub waker_user_stack_id: i32,
     pub waker_kernel_stack_id: i32,
-    pub _pad: u32,
+    /// Explicit padding, always 0.
+    pub pad: u32,
     pub comm: [u8; TASK_COMM_LEN],
     pub waker_comm: [u8; TASK_COMM_LEN],
 }

@@ -97,7 +97,11 @@ fn switch_out(ctx: &BtfTracePointContext, preempt: bool, prev_state: u32, now: u
     }
     // Preempted: still runnable, waiting for a CPU. A task may be preempted right after setting
     // its sleep state, before it calls schedule(): it is runnable all the same.
-    let state = if preempt { task_state::RUNNING } else { prev_state };
+    let state = if preempt {
+        task_state::RUNNING
+    } else {
+        prev_state
+    };
     if state & task_state::DEAD != 0 {
         // Its last switch: it never comes back, so nothing would ever remove the entry.
         return;
@@ -111,7 +115,7 @@ fn switch_out(ctx: &BtfTracePointContext, preempt: bool, prev_state: u32, now: u
         waker_pid: 0,
         waker_user_stack_id: NO_STACK,
         waker_kernel_stack_id: NO_STACK,
-        _pad: 0,
+        pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]),
         waker_comm: [0; TASK_COMM_LEN],
     };

@@ -101,4 +101,3 @@ fn add_one(counts: &PerCpuHashMap<SampleKey, u64>, key: &SampleKey) -> bool {
     // A new entry starts at 1 on this CPU and 0 on the others.
     counts.insert(key, 1, u64::from(BPF_NOEXIST)).is_ok()
 }
-

@@ -89,12 +89,16 @@ impl Btf {
         };
         let (hdr_len, type_off, type_len, str_off, str_len) =
             header().ok_or(BtfError::Malformed("short header"))?;
-        let types_start = hdr_len.checked_add(type_off).ok_or(BtfError::Malformed("offset"))?;
+        let types_start = hdr_len
+            .checked_add(type_off)
+            .ok_or(BtfError::Malformed("offset"))?;
         let types_end = types_start
             .checked_add(type_len)
             .filter(|&end| end <= data.len())
             .ok_or(BtfError::Malformed("type section out of bounds"))?;
-        let strings_start = hdr_len.checked_add(str_off).ok_or(BtfError::Malformed("offset"))?;
+        let strings_start = hdr_len
+            .checked_add(str_off)
+            .ok_or(BtfError::Malformed("offset"))?;
         let strings = data
             .get(strings_start..strings_start.saturating_add(str_len))
             .ok_or(BtfError::Malformed("string section out of bounds"))?
@@ -128,7 +132,11 @@ impl Btf {
                         else {
                             return Err(BtfError::Malformed("truncated member"));
                         };
-                        let bit_offset = if kind_flag { offset & 0x00ff_ffff } else { offset };
+                        let bit_offset = if kind_flag {
+                            offset & 0x00ff_ffff
+                        } else {
+                            offset
+                        };
                         members.push(Member {
                             name,
                             type_id,
@@ -191,10 +199,10 @@ impl Btf {
                 return Some(bits);
             }
             // Anonymous members are structs or unions whose fields belong to the outer struct.
-            if m.name == 0 {
-                if let Some(found) = self.find_member(m.type_id, field, bits) {
-                    return Some(found);
-                }
+            if m.name == 0
+                && let Some(found) = self.find_member(m.type_id, field, bits)
+            {
+                return Some(found);
             }
         }
         None
@@ -218,13 +226,21 @@ mod tests {
             btf.field_offset("task_struct", "no_such_field"),
             Err(BtfError::NoField { .. })
         ));
-        assert!(matches!(btf.field_offset("no_such_struct", "x"), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            btf.field_offset("no_such_struct", "x"),
+            Err(BtfError::NoStruct(_))
+        ));
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(Btf::parse(b"").is_err());
-        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]).is_err());
+        assert!(
+            Btf::parse(&[
+                0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f
+            ])
+            .is_err()
+        );
         let mut header = vec![0x9f, 0xeb, 1, 0];
         for v in [24u32, 0, 24, 24, 0] {
             header.extend_from_slice(&v.to_ne_bytes());

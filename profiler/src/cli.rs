@@ -47,7 +47,12 @@ pub struct RecordArgs {
     pub duration: Option<String>,
 
     /// What to record, a comma list of: cpu, offcpu, all.
-    #[arg(long = "event", short = 'e', value_name = "LIST", default_value = "cpu")]
+    #[arg(
+        long = "event",
+        short = 'e',
+        value_name = "LIST",
+        default_value = "cpu"
+    )]
     pub events: String,
 
     /// Samples per second on each CPU (cpu-clock software event, 1 to 10000).

@@ -236,9 +236,18 @@ mod tests {
             parse_events("cpu,disk").unwrap_err().to_string(),
             "--event \"disk\": unknown event (use a comma list of cpu, offcpu, all)"
         );
-        assert!(parse_events("syscall").unwrap_err().to_string().contains("not available yet"));
+        assert!(
+            parse_events("syscall")
+                .unwrap_err()
+                .to_string()
+                .contains("not available yet")
+        );
         let c = parse(&[]).unwrap();
-        assert_eq!(c.off_cpu_min, Duration::from_micros(1), "default --off-cpu-min");
+        assert_eq!(
+            c.off_cpu_min,
+            Duration::from_micros(1),
+            "default --off-cpu-min"
+        );
         assert!(c.events.cpu && !c.events.offcpu, "default --event cpu");
     }
 

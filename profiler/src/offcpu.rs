@@ -19,7 +19,11 @@ pub fn state_letter(state: u32) -> &'static str {
     } else if state & task_state::INTERRUPTIBLE != 0 {
         "S"
     } else if state & task_state::UNINTERRUPTIBLE != 0 {
-        if state & task_state::NOLOAD != 0 { "I" } else { "D" }
+        if state & task_state::NOLOAD != 0 {
+            "I"
+        } else {
+            "D"
+        }
     } else if state & task_state::STOPPED != 0 {
         "T"
     } else if state & task_state::TRACED != 0 {
@@ -107,25 +111,19 @@ impl OffCpuProfile {
     /// `offcpu.pb.gz`: where threads waited, labels pid, tid, comm, process and state.
     #[must_use]
     pub fn to_offcpu_pprof(&self, symbols: &Symbols, comments: &[String]) -> Profile {
-        let mut merged: HashMap<&WaitKey, Totals> = HashMap::new();
-        let mut by_waiter: HashMap<(u32, u32, &str, u32, Option<&[u64]>, Option<&[u64]>), &WaitKey> =
-            HashMap::new();
+        // One sample per waiter stack and state: wakers merged.
+        let mut merged: HashMap<WaitKey, Totals> = HashMap::new();
         for (key, totals) in &self.waits {
-            let waiter = (
-                key.pid,
-                key.tid,
-                key.comm.as_str(),
-                key.state,
-                key.user.as_deref(),
-                key.kernel.as_deref(),
-            );
-            let first = *by_waiter.entry(waiter).or_insert(key);
-            let t = merged.entry(first).or_default();
+            let waiter = WaitKey {
+                waker: None,
+                ..key.clone()
+            };
+            let t = merged.entry(waiter).or_default();
             t.ns += totals.ns;
             t.count += totals.count;
         }
         let mut w = StackWriter::new(builder(comments), symbols);
-        for (key, totals) in sorted(merged.into_iter()) {
+        for (key, totals) in sorted(merged.iter().map(|(k, t)| (k, *t))) {
             let locations = w.locations(&key.stack());
             let process = symbols.process_name(key.pid).unwrap_or(&key.comm);
             w.builder.add_sample(
@@ -167,7 +165,11 @@ impl OffCpuProfile {
             let mut locations = match &key.waker {
                 Some(waker) => {
                     let stack = Stack {
-                        user: if from_interrupt { None } else { waker.user.as_deref() },
+                        user: if from_interrupt {
+                            None
+                        } else {
+                            waker.user.as_deref()
+                        },
                         ..waker_stack(waker)
                     };
                     let mut l = w.locations(&stack);
@@ -211,7 +213,11 @@ fn builder(comments: &[String]) -> PprofBuilder {
 /// Longest total wait first, then by pid, so that files are stable for the same input.
 fn sorted<'k>(items: impl Iterator<Item = (&'k WaitKey, Totals)>) -> Vec<(&'k WaitKey, Totals)> {
     let mut v: Vec<_> = items.collect();
-    v.sort_by(|a, b| b.1.ns.cmp(&a.1.ns).then_with(|| (a.0.pid, a.0.tid).cmp(&(b.0.pid, b.0.tid))));
+    v.sort_by(|a, b| {
+        b.1.ns
+            .cmp(&a.1.ns)
+            .then_with(|| (a.0.pid, a.0.tid).cmp(&(b.0.pid, b.0.tid)))
+    });
     v
 }
 
@@ -224,7 +230,10 @@ mod tests {
         assert_eq!(state_letter(task_state::RUNNING), "R");
         assert_eq!(state_letter(task_state::INTERRUPTIBLE), "S");
         assert_eq!(state_letter(task_state::UNINTERRUPTIBLE), "D");
-        assert_eq!(state_letter(task_state::UNINTERRUPTIBLE | task_state::NOLOAD), "I");
+        assert_eq!(
+            state_letter(task_state::UNINTERRUPTIBLE | task_state::NOLOAD),
+            "I"
+        );
         assert_eq!(state_letter(task_state::STOPPED), "T");
         assert_eq!(state_letter(0x100), "?");
     }
@@ -261,7 +270,11 @@ mod tests {
         let symbols = Symbols::default();
         let off = p.to_offcpu_pprof(&symbols, &[]);
         assert_eq!(off.sample.len(), 2, "one per (waiter stack, state)");
-        let s = off.sample.iter().find(|s| off.label_str(s, "state") == Some("S")).unwrap();
+        let s = off
+            .sample
+            .iter()
+            .find(|s| off.label_str(s, "state") == Some("S"))
+            .unwrap();
         assert_eq!(s.value, [2, 150]);
         assert_eq!(off.str(off.default_sample_type), "wait");
 
@@ -275,7 +288,14 @@ mod tests {
         assert_eq!(writer.value, [1, 100]);
         let names = wake.stack_names(writer);
         assert!(names.contains(&"--- woken by writer ---"), "{names:?}");
-        let r = wake.sample.iter().find(|s| wake.label_str(s, "state") == Some("R")).unwrap();
-        assert!(wake.stack_names(r).contains(&"--- preempted (runnable) ---"));
+        let r = wake
+            .sample
+            .iter()
+            .find(|s| wake.label_str(s, "state") == Some("R"))
+            .unwrap();
+        assert!(
+            wake.stack_names(r)
+                .contains(&"--- preempted (runnable) ---")
+        );
     }
 }

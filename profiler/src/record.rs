@@ -134,7 +134,10 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
 
     let started_wall = SystemTime::now();
     let started = Instant::now();
-    eprintln!("cprof: recording {}; Ctrl-C to stop early", describe(config));
+    eprintln!(
+        "cprof: recording {}; Ctrl-C to stop early",
+        describe(config)
+    );
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -173,13 +176,48 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     let stats = rec.probes.stats()?;
     let still_waiting = rec.probes.offcpu_waiting();
     eprintln!("cprof: stopped: {stop_reason}; writing the profiles");
+    let outcome = Outcome {
+        started_wall,
+        elapsed,
+        stop_reason,
+        stats,
+        still_waiting,
+    };
+    write_profiles(config, &rec, &outcome)
+}
 
-    let unsymbolized = rec.symbols.stats.unsymbolized;
-    // The kernel does not say when an LRU map evicts: what started and neither ended, nor was
-    // replaced, nor is still there, was evicted.
-    let evicted = stats.get(stat::OFFCPU_STARTS).saturating_sub(
+/// How a recording ended: what the files and the summary report.
+struct Outcome {
+    started_wall: SystemTime,
+    elapsed: Duration,
+    stop_reason: &'static str,
+    stats: ProbeStats,
+    /// Off-CPU threads still switched out at the end.
+    still_waiting: u64,
+}
+
+/// The kernel does not say when an LRU map evicts: what started and neither ended, nor was
+/// replaced, nor is still there, was evicted.
+fn evicted_starts(stats: &ProbeStats, still_waiting: u64) -> u64 {
+    stats.get(stat::OFFCPU_STARTS).saturating_sub(
         stats.get(stat::OFFCPU_ENDS) + stats.get(stat::OFFCPU_REPLACED) + still_waiting,
-    );
+    )
+}
+
+fn write_profiles(
+    config: &RecordConfig,
+    rec: &Recording,
+    outcome: &Outcome,
+) -> anyhow::Result<RecordReport> {
+    let &Outcome {
+        started_wall,
+        elapsed,
+        stop_reason,
+        stats,
+        still_waiting,
+    } = outcome;
+    let evicted = evicted_starts(&stats, still_waiting);
+    let unsymbolized = rec.symbols.stats.unsymbolized;
     let comments = comments(config, &stats, unsymbolized, evicted, still_waiting);
     let time = |mut p: Profile| {
         p.time_nanos = started_wall
@@ -197,7 +235,10 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     };
     let mut cpu = None;
     if config.events.cpu {
-        let profile = time(rec.oncpu.to_pprof(&rec.symbols, config.period_ns(), &comments));
+        let profile = time(
+            rec.oncpu
+                .to_pprof(&rec.symbols, config.period_ns(), &comments),
+        );
         write("cpu.pb.gz", &profile)?;
         cpu = Some(CpuSummary {
             samples: rec.oncpu.total_samples(),

@@ -37,8 +37,8 @@ pub struct Stack<'a> {
 pub struct Symbols {
     /// `None`: the process was gone before we could read it.
     processes: HashMap<u32, Option<ProcessInfo>>,
-    user_symbols: HashMap<FileAddr, Frames>,
-    kernel_symbols: HashMap<u64, Frames>,
+    user: HashMap<FileAddr, Frames>,
+    kernel: HashMap<u64, Frames>,
     pub stats: SymbolStats,
 }
 
@@ -81,7 +81,7 @@ impl Symbols {
     }
 
     fn kernel_frames(&self, addr: u64, precise: bool) -> &[FrameLine] {
-        self.kernel_symbols
+        self.kernel
             .get(&lookup_addr(addr, precise))
             .map_or(&[][..], Vec::as_slice)
     }
@@ -108,7 +108,7 @@ impl Symbols {
             self.remember_process(stack.pid);
             for (i, &addr) in stack.kernel.unwrap_or_default().iter().enumerate() {
                 let addr = lookup_addr(addr, i == 0);
-                if !self.kernel_symbols.contains_key(&addr) {
+                if !self.kernel.contains_key(&addr) {
                     new_kernel.insert(addr);
                 }
             }
@@ -117,7 +117,7 @@ impl Symbols {
             };
             for (i, &addr) in stack.user.unwrap_or_default().iter().enumerate() {
                 if let Some(fa) = file_addr(info, lookup_addr(addr, user_precise(i, &stack)))
-                    && !self.user_symbols.contains_key(&fa)
+                    && !self.user.contains_key(&fa)
                 {
                     new_user.entry(fa.path).or_default().insert(fa.offset);
                 }
@@ -138,12 +138,12 @@ impl Symbols {
             for (offset, frames) in offsets.into_iter().zip(frames) {
                 self.stats.unsymbolized += u64::from(frames.is_empty());
                 let path = path.clone();
-                self.user_symbols.insert(FileAddr { path, offset }, frames);
+                self.user.insert(FileAddr { path, offset }, frames);
             }
         }
         for (addr, frames) in batch.kernel.into_iter().zip(resolved.kernel) {
             self.stats.unsymbolized += u64::from(frames.is_empty());
-            self.kernel_symbols.insert(addr, frames);
+            self.kernel.insert(addr, frames);
         }
     }
 }
@@ -213,7 +213,11 @@ impl<'s> StackWriter<'s> {
             let mut tracing_frames = true;
             for (i, &addr) in kernel.iter().enumerate() {
                 let frames = self.symbols.kernel_frames(addr, i == 0);
-                if tracing_frames && frames.first().is_some_and(|f| is_tracing_frame(&f.function)) {
+                if tracing_frames
+                    && frames
+                        .first()
+                        .is_some_and(|f| is_tracing_frame(&f.function))
+                {
                     continue;
                 }
                 tracing_frames = false;
@@ -229,14 +233,18 @@ impl<'s> StackWriter<'s> {
 
     fn user_locations(&mut self, stack: &Stack<'_>) -> Vec<u64> {
         let mut locations = Vec::new();
-        let info = self.symbols.processes.get(&stack.pid).and_then(Option::as_ref);
+        let info = self
+            .symbols
+            .processes
+            .get(&stack.pid)
+            .and_then(Option::as_ref);
         for (i, &addr) in stack.user.unwrap_or_default().iter().enumerate() {
             let found = info.and_then(|info| info.mapping_of(addr).map(|entry| (info, entry)));
             let (mapping, frames) = match found {
                 Some((info, entry)) => {
                     let mapping = self.user_mapping(stack.pid, info, entry);
                     let frames = file_addr(info, lookup_addr(addr, user_precise(i, stack)))
-                        .and_then(|fa| self.symbols.user_symbols.get(&fa))
+                        .and_then(|fa| self.symbols.user.get(&fa))
                         .map_or(&[][..], Vec::as_slice);
                     (mapping, frames)
                 }
@@ -316,7 +324,10 @@ mod tests {
             kernel: None,
             ..in_kernel
         };
-        assert!(!user_precise(0, &in_kernel), "a syscall's user frame is a return address");
+        assert!(
+            !user_precise(0, &in_kernel),
+            "a syscall's user frame is a return address"
+        );
         assert!(user_precise(0, &in_user));
         assert!(!user_precise(1, &in_user));
     }

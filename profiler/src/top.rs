@@ -16,7 +16,7 @@ pub struct TopFunction {
 /// The `n` functions with the most self value in sample type `value_index`.
 #[must_use]
 pub fn top_functions(profile: &Profile, value_index: usize, n: usize) -> Vec<TopFunction> {
-        let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
     for sample in &profile.sample {
         let count = sample.value.get(value_index).copied().unwrap_or(0) as u64;
         let names = profile.stack_names(sample);
@@ -91,7 +91,11 @@ pub fn top_stacks(
             .into_iter()
             .map(|n| if n.is_empty() { "?" } else { n })
             .collect();
-        let frames = if names.is_empty() { "[kernel]".to_owned() } else { names.join(" < ") };
+        let frames = if names.is_empty() {
+            "[kernel]".to_owned()
+        } else {
+            names.join(" < ")
+        };
         let entry = by.entry((label(sample), frames)).or_default();
         entry.0 += sample.value.get(value_index).copied().unwrap_or(0) as u64;
         entry.1 += sample.value.get(count_index).copied().unwrap_or(0) as u64;
@@ -130,5 +134,4 @@ mod tests {
             .collect();
         assert_eq!(names, [("a", 70, 70), ("b", 30, 30), ("main", 0, 100)]);
     }
-
 }

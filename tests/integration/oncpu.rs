@@ -14,6 +14,10 @@ fn pct(part: i64, total: i64) -> f64 {
 
 /// calltree spends 70% of its worker's CPU time under `path_a` and 30% under `path_b`.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one recording, every property of its profile"
+)]
 fn attributes_a_known_call_tree_70_30() {
     util::require_root();
     let w = Workload::start("calltree", &["10"]);

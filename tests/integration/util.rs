@@ -203,12 +203,9 @@ impl PausedWorkload {
 
     /// Waits for the workload to finish and returns what it printed.
     pub fn finish(mut self) -> String {
-        let out = std::mem::replace(
-            &mut self.child,
-            Command::new("true").spawn().unwrap(),
-        )
-        .wait_with_output()
-        .unwrap();
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .unwrap();
         assert!(out.status.success(), "the workload failed: {}", out.status);
         String::from_utf8(out.stdout).unwrap()
     }
@@ -254,7 +251,10 @@ impl Recording {
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let _ = tx.send(line);
             }
         });
@@ -275,14 +275,21 @@ impl Recording {
     pub fn wait(mut self, deadline: Duration) -> String {
         let start = Instant::now();
         while self.child.try_wait().unwrap().is_none() {
-            assert!(start.elapsed() < deadline, "cprof did not finish within {deadline:?}");
+            assert!(
+                start.elapsed() < deadline,
+                "cprof did not finish within {deadline:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
             .wait_with_output()
             .unwrap();
         let stderr: Vec<String> = self.stderr.try_iter().collect();
-        assert!(out.status.success(), "cprof failed ({}): {stderr:?}", out.status);
+        assert!(
+            out.status.success(),
+            "cprof failed ({}): {stderr:?}",
+            out.status
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 }

@@ -5,7 +5,7 @@
 //! programs at the other buffer; once in-flight programs have finished (the caller waits a few
 //! milliseconds), the `drain_*` methods read and clear the idle one.
 //!
-//! Needs: Linux 5.8+, CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), BTF for off-CPU.
+//! Needs: Linux 5.8+, `CAP_BPF` and `CAP_PERFMON` (or `CAP_SYS_ADMIN`), BTF for off-CPU.
 
 mod offcpu;
 mod oncpu;
@@ -175,7 +175,10 @@ impl Probes {
             (m::OFFCPU_A, size(off, m::OFFCPU_MAX_ENTRIES)),
             (m::OFFCPU_B, size(off, m::OFFCPU_MAX_ENTRIES)),
             (m::OFFCPU_STACKS, size(off, m::OFFCPU_STACKS_MAX_ENTRIES)),
-            (m::OFFCPU_START, size(off, options.offcpu_threads_max_entries)),
+            (
+                m::OFFCPU_START,
+                size(off, options.offcpu_threads_max_entries),
+            ),
         ] {
             loader.map_max_entries(name, n);
         }
@@ -231,13 +234,17 @@ impl Probes {
     /// Reads and clears the idle on-CPU buffer (empty when on-CPU is not recorded).
     pub fn drain_oncpu(&mut self) -> Result<Vec<RawSample>, BpfError> {
         let idle = self.idle();
-        self.oncpu.as_mut().map_or(Ok(Vec::new()), |o| o.drain(idle))
+        self.oncpu
+            .as_mut()
+            .map_or(Ok(Vec::new()), |o| o.drain(idle))
     }
 
     /// Reads and clears the idle off-CPU buffer (empty when off-CPU is not recorded).
     pub fn drain_offcpu(&mut self) -> Result<Vec<RawWait>, BpfError> {
         let idle = self.idle();
-        self.offcpu.as_mut().map_or(Ok(Vec::new()), |o| o.drain(idle))
+        self.offcpu
+            .as_mut()
+            .map_or(Ok(Vec::new()), |o| o.drain(idle))
     }
 
     /// Threads switched out and not back yet (off-CPU).

@@ -71,7 +71,7 @@ impl OffCpu {
     }
 
     pub(super) fn waiting(&self) -> u64 {
-        self.starts.keys().filter(Result::is_ok).count() as u64
+        self.starts.keys().flatten().count() as u64
     }
 
     fn stack(&mut self, id: i32) -> Option<Vec<u64>> {
@@ -94,12 +94,14 @@ impl OffCpu {
     pub(super) fn drain(&mut self, idle: usize) -> Result<Vec<RawWait>, BpfError> {
         let name = if idle == 0 { m::OFFCPU_A } else { m::OFFCPU_B };
         let mut entries = Vec::new();
-        for entry in self.waits[idle].iter() {
+        for entry in &self.waits[idle] {
             let (key, per_cpu) = entry.map_err(|source| BpfError::Map { name, source })?;
-            let total = per_cpu.iter().fold(OffCpuValue::default(), |acc, v| OffCpuValue {
-                total_ns: acc.total_ns + v.total_ns,
-                count: acc.count + v.count,
-            });
+            let total = per_cpu
+                .iter()
+                .fold(OffCpuValue::default(), |acc, v| OffCpuValue {
+                    total_ns: acc.total_ns + v.total_ns,
+                    count: acc.count + v.count,
+                });
             entries.push((key, total));
         }
         let mut waits = Vec::with_capacity(entries.len());

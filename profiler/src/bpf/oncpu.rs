@@ -67,7 +67,7 @@ impl OnCpu {
     pub(super) fn drain(&mut self, idle: usize) -> Result<Vec<RawSample>, BpfError> {
         let counts_name = if idle == 0 { m::COUNTS_A } else { m::COUNTS_B };
         let mut entries = Vec::new();
-        for entry in self.counts[idle].iter() {
+        for entry in &self.counts[idle] {
             let (key, per_cpu) = entry.map_err(|source| BpfError::Map {
                 name: counts_name,
                 source,
@@ -106,7 +106,10 @@ impl OnCpu {
             // A key can only vanish if something else deleted it: nothing worth failing for.
             let _ = self.counts[idle].remove(key);
         }
-        let ids: Vec<u32> = self.stacks[idle].stack_ids().filter_map(Result::ok).collect();
+        let ids: Vec<u32> = self.stacks[idle]
+            .stack_ids()
+            .filter_map(Result::ok)
+            .collect();
         for id in ids {
             let _ = self.stacks[idle].remove(&id);
         }
