@@ -42,6 +42,37 @@ pub mod maps {
     /// Threads switched out and not yet back: tid -> [`super::OffCpuStart`] (LRU).
     pub const OFFCPU_START: &str = "OFFCPU_START";
 
+    /// Syscall latency, buffer A: [`super::SyscallKey`] -> [`super::SyscallStats`].
+    pub const SYSCALLS_A: &str = "SYSCALLS_A";
+    /// Syscall latency, buffer B.
+    pub const SYSCALLS_B: &str = "SYSCALLS_B";
+    /// Failed syscalls, buffer A: [`super::ErrnoKey`] -> `u64`.
+    pub const ERRNOS_A: &str = "ERRNOS_A";
+    /// Failed syscalls, buffer B.
+    pub const ERRNOS_B: &str = "ERRNOS_B";
+    /// Slow syscalls, buffer A: [`super::SlowKey`] -> [`super::OffCpuValue`] (time, count);
+    /// stacks in `STACKS_A`.
+    pub const SLOW_A: &str = "SLOW_A";
+    /// Slow syscalls, buffer B; stacks in `STACKS_B`.
+    pub const SLOW_B: &str = "SLOW_B";
+    /// Threads inside a syscall: tid -> [`super::SyscallStart`] (LRU).
+    pub const SYSCALL_START: &str = "SYSCALL_START";
+    /// Syscall numbers whose return value is a byte count: `u32` nr -> `u32` 1.
+    pub const BYTE_SYSCALLS: &str = "BYTE_SYSCALLS";
+    /// A zeroed [`super::SyscallStats`], the template for new entries (too large for the stack).
+    pub const SYSCALL_ZERO: &str = "SYSCALL_ZERO";
+
+    /// Default number of (pid, syscall) histograms per buffer.
+    pub const SYSCALLS_MAX_ENTRIES: u32 = 4_096;
+    /// Default number of (pid, syscall, errno) counters per buffer.
+    pub const ERRNOS_MAX_ENTRIES: u32 = 4_096;
+    /// Default number of distinct slow-syscall stacks per buffer.
+    pub const SLOW_MAX_ENTRIES: u32 = 4_096;
+    /// Threads tracked inside a syscall.
+    pub const SYSCALL_START_MAX_ENTRIES: u32 = 32_768;
+    /// Syscall numbers covered by `BYTE_SYSCALLS`.
+    pub const MAX_SYSCALL_NR: u32 = 1_024;
+
     /// Default number of distinct (pid, tid, comm, stacks) keys per buffer.
     pub const COUNTS_MAX_ENTRIES: u32 = 16_384;
     /// Default number of distinct stacks per buffer (user and kernel stacks share it).
@@ -64,6 +95,8 @@ pub mod globals {
     pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
     /// `u64`: waits shorter than this many nanoseconds are not recorded.
     pub const OFFCPU_MIN_NS: &str = "OFFCPU_MIN_NS";
+    /// `u64`: syscalls at least this slow have their stacks recorded.
+    pub const SYSCALL_SLOW_NS: &str = "SYSCALL_SLOW_NS";
 }
 
 /// Indices into the per-CPU `STATS` array. Every way a sample can end is counted, so that
@@ -113,8 +146,20 @@ pub mod stat {
     pub const OFFCPU_READ_ERRORS: u32 = 19;
     /// A thread's wait start replaced an older one that never ended (its switch-in was missed).
     pub const OFFCPU_REPLACED: u32 = 20;
+    /// Syscalls entered by target threads.
+    pub const SYSCALL_ENTERS: u32 = 21;
+    /// Syscalls that returned and were added to a histogram.
+    pub const SYSCALL_RECORDED: u32 = 22;
+    /// Syscalls lost because the histogram map was full.
+    pub const SYSCALL_DROPPED_FULL: u32 = 23;
+    /// Failed syscalls whose errno could not be counted (errno map full).
+    pub const SYSCALL_ERRNO_DROPPED: u32 = 24;
+    /// Slow syscalls whose stack was recorded.
+    pub const SYSCALL_SLOW: u32 = 25;
+    /// Slow syscalls lost: slow-stack map full or stack not captured.
+    pub const SYSCALL_SLOW_DROPPED: u32 = 26;
     /// Number of counters.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 27;
 }
 
 /// Key of the in-kernel on-CPU aggregate: one entry per distinct thread and pair of stacks.
@@ -213,3 +258,210 @@ unsafe impl aya::Pod for OffCpuKey {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for OffCpuValue {}
+
+/// Latency histogram layout shared by both sides: values below 16 ns have a bucket each; above,
+/// each power of two `[2^k, 2^(k+1))` is split into 16 equal sub-buckets, so a bucket's width is
+/// at most 1/16 of its lower bound (percentiles within about 3%). Values from 2^40 ns (18 min)
+/// on share the last bucket.
+pub mod histogram {
+    /// Sub-buckets per power of two (a power of two itself).
+    pub const SUB_BUCKETS: u64 = 16;
+    /// log2 of [`SUB_BUCKETS`].
+    pub const SUB_BITS: u32 = 4;
+    /// Largest power of two with its own buckets.
+    pub const MAX_LOG2: u32 = 39;
+    /// Number of buckets.
+    pub const BUCKETS: usize = ((MAX_LOG2 + 1 - SUB_BITS + 1) as usize) * SUB_BUCKETS as usize;
+
+    /// `floor(log2(v))` for `v > 0`, without loops (the BPF verifier likes straight code).
+    #[expect(
+        clippy::inline_always,
+        reason = "inlined into BPF programs: no calls there"
+    )]
+    #[inline(always)]
+    #[must_use]
+    pub const fn log2(mut v: u64) -> u32 {
+        let mut k = 0;
+        if v >= 1 << 32 {
+            v >>= 32;
+            k += 32;
+        }
+        if v >= 1 << 16 {
+            v >>= 16;
+            k += 16;
+        }
+        if v >= 1 << 8 {
+            v >>= 8;
+            k += 8;
+        }
+        if v >= 1 << 4 {
+            v >>= 4;
+            k += 4;
+        }
+        if v >= 1 << 2 {
+            v >>= 2;
+            k += 2;
+        }
+        if v >= 1 << 1 {
+            k += 1;
+        }
+        k
+    }
+
+    /// The bucket of a value.
+    #[expect(
+        clippy::inline_always,
+        reason = "inlined into BPF programs: no calls there"
+    )]
+    #[inline(always)]
+    #[must_use]
+    pub const fn index(v: u64) -> usize {
+        if v < SUB_BUCKETS {
+            return v as usize;
+        }
+        let mut k = log2(v);
+        if k > MAX_LOG2 {
+            return BUCKETS - 1;
+        }
+        if k < SUB_BITS {
+            k = SUB_BITS;
+        }
+        let sub = (v >> (k - SUB_BITS)) & (SUB_BUCKETS - 1);
+        ((k - SUB_BITS + 1) as usize) * SUB_BUCKETS as usize + sub as usize
+    }
+
+    /// The smallest and largest value of bucket `i`.
+    #[must_use]
+    pub const fn bounds(i: usize) -> (u64, u64) {
+        let n = SUB_BUCKETS as usize;
+        if i < n {
+            return (i as u64, i as u64);
+        }
+        let k = (i / n) as u32 - 1 + SUB_BITS;
+        let sub = (i % n) as u64;
+        let width = 1u64 << (k - SUB_BITS);
+        let low = (SUB_BUCKETS + sub) * width;
+        if i == BUCKETS - 1 {
+            return (low, u64::MAX);
+        }
+        (low, low + width - 1)
+    }
+}
+
+/// Key of the syscall aggregates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SyscallKey {
+    pub pid: u32,
+    pub nr: u32,
+}
+
+const _: () = assert!(size_of::<SyscallKey>() == 8);
+
+/// Latency of one syscall in one process: exact count, total and max, and a histogram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallStats {
+    pub count: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// Sum of non-negative return values of byte-moving syscalls.
+    pub bytes: u64,
+    pub errors: u64,
+    pub buckets: [u32; histogram::BUCKETS],
+}
+
+const _: () = assert!(size_of::<SyscallStats>() == 40 + 4 * histogram::BUCKETS);
+
+/// Key of the errno counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ErrnoKey {
+    pub pid: u32,
+    pub nr: u32,
+    pub errno: u32,
+    pub pad: u32,
+}
+
+const _: () = assert!(size_of::<ErrnoKey>() == 16);
+
+/// Key of the slow-syscall stacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SlowKey {
+    pub pid: u32,
+    pub tid: u32,
+    pub nr: u32,
+    pub user_stack_id: i32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+const _: () = assert!(size_of::<SlowKey>() == 32);
+
+/// A thread inside a syscall.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallStart {
+    pub start_ns: u64,
+    pub nr: u32,
+    pub pad: u32,
+}
+
+const _: () = assert!(size_of::<SyscallStart>() == 16);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding, every bit pattern valid.
+unsafe impl aya::Pod for SyscallKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SyscallStats {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for ErrnoKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SlowKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SyscallStart {}
+
+#[cfg(test)]
+mod tests {
+    use super::histogram::{BUCKETS, bounds, index, log2};
+
+    #[test]
+    fn log2_matches_ilog2() {
+        for v in [1u64, 2, 3, 4, 15, 16, 17, 1000, 1 << 40, u64::MAX] {
+            assert_eq!(log2(v), v.ilog2(), "{v}");
+        }
+    }
+
+    #[test]
+    fn buckets_are_contiguous_and_narrow() {
+        let mut expected_low = 0;
+        for i in 0..BUCKETS {
+            let (low, high) = bounds(i);
+            assert_eq!(
+                low,
+                expected_low,
+                "bucket {i} starts where {} ended",
+                i.saturating_sub(1)
+            );
+            assert_eq!(index(low), i);
+            if i + 1 < BUCKETS {
+                assert_eq!(index(high), i);
+                assert!(
+                    (high - low) * 16 <= low.max(1),
+                    "bucket {i} is at most 1/16 wide"
+                );
+                expected_low = high + 1;
+            }
+        }
+        assert_eq!(index(u64::MAX), BUCKETS - 1);
+        assert_eq!(
+            index(5_080_000),
+            index(5_100_000),
+            "5.08 and 5.10 ms share a bucket"
+        );
+    }
+}

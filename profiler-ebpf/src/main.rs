@@ -5,14 +5,22 @@
 //! - [`oncpu`]: `on_cpu_sample`, a cpu-clock perf_event on every CPU: counts of (thread, stacks).
 //! - [`offcpu`]: `on_sched_switch` and `on_sched_waking` (BTF tracepoints): time threads spend
 //!   switched out, by stack, state and waker.
+//! - [`syscall`]: `on_sys_enter` and `on_sys_exit` (BTF tracepoints): latency histograms per
+//!   process and syscall, errno counts, bytes, and the stacks of slow syscalls.
 //!
 //! Needs: Linux 5.8+ (CAP_BPF, CAP_PERFMON), BTF for the tracepoints; frame pointers in the
 //! profiled code for complete user stacks.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "atomic adds on map values: the BPF target has no AtomicU64 RMW in core"
+)]
 
 mod offcpu;
 mod oncpu;
+mod syscall;
 
 use aya_ebpf::{
     Global,

@@ -20,10 +20,11 @@ static COUNTS_A: PerCpuHashMap<SampleKey, u64> =
 #[map]
 static COUNTS_B: PerCpuHashMap<SampleKey, u64> =
     PerCpuHashMap::with_max_entries(m::COUNTS_MAX_ENTRIES, 0);
+/// Also holds the stacks of slow syscalls (the same buffer flips both).
 #[map]
-static STACKS_A: StackTrace = StackTrace::with_max_entries(m::STACKS_MAX_ENTRIES, 0);
+pub(crate) static STACKS_A: StackTrace = StackTrace::with_max_entries(m::STACKS_MAX_ENTRIES, 0);
 #[map]
-static STACKS_B: StackTrace = StackTrace::with_max_entries(m::STACKS_MAX_ENTRIES, 0);
+pub(crate) static STACKS_B: StackTrace = StackTrace::with_max_entries(m::STACKS_MAX_ENTRIES, 0);
 
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {

@@ -46,7 +46,7 @@ pub struct RecordArgs {
     #[arg(long, short = 'd', value_name = "DURATION")]
     pub duration: Option<String>,
 
-    /// What to record, a comma list of: cpu, offcpu, all.
+    /// What to record, a comma list of: cpu, offcpu, syscall, all.
     #[arg(
         long = "event",
         short = 'e',
@@ -88,6 +88,12 @@ pub struct RecordArgs {
     #[arg(long = "off-cpu-threads", value_name = "N",
           default_value_t = profiler_common::maps::OFFCPU_START_MAX_ENTRIES)]
     pub off_cpu_threads: u32,
+
+    /// Syscalls at least this slow have the stack that made them recorded (syscall.pb.gz):
+    /// 1ms is slower than a fast disk read or a local round trip, the scale where a syscall is
+    /// worth a look, and rare enough that capturing stacks costs nothing noticeable.
+    #[arg(long = "syscall-slow", value_name = "DURATION", default_value = "1ms")]
+    pub syscall_slow: String,
 
     /// How many functions the summary lists.
     #[arg(long, value_name = "N", default_value_t = 10)]

@@ -21,9 +21,9 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
-    #[error("--event {0:?}: unknown event (use a comma list of cpu, offcpu, all)")]
+    #[error("--event {0:?}: unknown event (use a comma list of cpu, offcpu, syscall, all)")]
     UnknownEvent(String),
-    #[error("--event {0}: not available yet in this cprof (available: cpu, offcpu)")]
+    #[error("--event {0}: not available yet in this cprof (available: cpu, offcpu, syscall)")]
     EventNotYet(String),
     #[error("--{flag} {value}: must be between {min} and {max}")]
     MapSize {
@@ -47,6 +47,7 @@ pub struct RecordConfig {
     pub drain_interval: Duration,
     pub off_cpu_min: Duration,
     pub off_cpu_threads: u32,
+    pub syscall_slow: Duration,
     pub stack_map_size: u32,
     pub count_map_size: u32,
     pub top: usize,
@@ -76,6 +77,7 @@ impl RecordConfig {
             .transpose()?;
         let drain_interval = parse_duration("drain-interval", &args.drain_interval)?;
         let off_cpu_min = parse_duration("off-cpu-min", &args.off_cpu_min)?;
+        let syscall_slow = parse_duration("syscall-slow", &args.syscall_slow)?;
         let events = parse_events(&args.events)?;
         for (flag, value) in [
             ("stack-map-size", args.stack_map_size),
@@ -104,6 +106,7 @@ impl RecordConfig {
             drain_interval,
             off_cpu_min,
             off_cpu_threads: args.off_cpu_threads,
+            syscall_slow,
             stack_map_size: args.stack_map_size,
             count_map_size: args.count_map_size,
             top: args.top,
@@ -124,11 +127,13 @@ pub fn parse_events(list: &str) -> Result<crate::bpf::Events, ConfigError> {
         match name {
             "cpu" => events.cpu = true,
             "offcpu" => events.offcpu = true,
+            "syscall" => events.syscall = true,
             "all" => {
                 events.cpu = true;
                 events.offcpu = true;
+                events.syscall = true;
             }
-            "syscall" | "tcp" => return Err(ConfigError::EventNotYet(name.into())),
+            "tcp" => return Err(ConfigError::EventNotYet(name.into())),
             _ => return Err(ConfigError::UnknownEvent(name.into())),
         }
     }
@@ -227,17 +232,18 @@ mod tests {
 
     #[test]
     fn events() {
-        let e = |list| parse_events(list).map(|e| (e.cpu, e.offcpu));
-        assert_eq!(e("cpu").unwrap(), (true, false));
-        assert_eq!(e("offcpu").unwrap(), (false, true));
-        assert_eq!(e("cpu,offcpu").unwrap(), (true, true));
-        assert_eq!(e("all").unwrap(), (true, true));
+        let e = |list| parse_events(list).map(|e| (e.cpu, e.offcpu, e.syscall));
+        assert_eq!(e("cpu").unwrap(), (true, false, false));
+        assert_eq!(e("offcpu").unwrap(), (false, true, false));
+        assert_eq!(e("cpu,offcpu").unwrap(), (true, true, false));
+        assert_eq!(e("syscall").unwrap(), (false, false, true));
+        assert_eq!(e("all").unwrap(), (true, true, true));
         assert_eq!(
             parse_events("cpu,disk").unwrap_err().to_string(),
-            "--event \"disk\": unknown event (use a comma list of cpu, offcpu, all)"
+            "--event \"disk\": unknown event (use a comma list of cpu, offcpu, syscall, all)"
         );
         assert!(
-            parse_events("syscall")
+            parse_events("tcp")
                 .unwrap_err()
                 .to_string()
                 .contains("not available yet")

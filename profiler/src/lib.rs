@@ -5,7 +5,8 @@
 //! - [`procfs`]: memory maps and names of target processes.
 //! - [`symbolize`]: one blazesym symbolizer on its own thread.
 //! - [`symbols`]: the process table and symbol caches of a recording; stacks to pprof locations.
-//! - [`oncpu`], [`offcpu`]: merge drained aggregates and build their pprof files.
+//! - [`oncpu`], [`offcpu`], [`syscalls`]: merge drained aggregates and build their output files.
+//! - [`syscall_names`], [`tables`]: syscall and errno names from the kernel's tables.
 //! - [`pprof`]: the pprof message types and a builder.
 //! - [`top`]: rankings for the summary.
 //! - [`record`]: the `cprof record` command.
@@ -25,4 +26,8 @@ pub mod procfs;
 pub mod record;
 pub mod symbolize;
 pub mod symbols;
+pub mod syscall_names;
+pub mod syscalls;
+#[rustfmt::skip]
+pub mod tables;
 pub mod top;

@@ -16,6 +16,8 @@ use crate::oncpu::OnCpuProfile;
 use crate::pprof::{self, Profile, ProfileExt as _};
 use crate::symbolize::SymbolizerThread;
 use crate::symbols::{Stack, Symbols};
+use crate::syscall_names::{BYTE_SYSCALLS, syscall_number};
+use crate::syscalls::{SyscallProfile, SyscallRow};
 use crate::top::{TopFunction, TopStack, top_functions, top_stacks};
 use crate::{output, privilege, procfs};
 
@@ -29,6 +31,14 @@ pub struct RecordReport {
     pub stop_reason: &'static str,
     pub cpu: Option<CpuSummary>,
     pub offcpu: Option<OffCpuSummary>,
+    pub syscall: Option<SyscallSummary>,
+}
+
+#[derive(Debug)]
+pub struct SyscallSummary {
+    pub rows: Vec<SyscallRow>,
+    /// bcc-style log2 histograms of the top rows.
+    pub histograms: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -55,6 +65,7 @@ struct Recording {
     symbols: Symbols,
     oncpu: OnCpuProfile,
     offcpu: OffCpuProfile,
+    syscalls: SyscallProfile,
 }
 
 impl Recording {
@@ -62,14 +73,16 @@ impl Recording {
     async fn drain(&mut self) -> anyhow::Result<()> {
         self.probes.flip()?;
         tokio::time::sleep(FLIP_GRACE).await;
-        let samples = self.probes.drain_oncpu()?;
-        let waits = self.probes.drain_offcpu()?;
-        let sample_stacks = samples.iter().map(|s| Stack {
+        let d = self.probes.drain()?;
+        for s in &d.syscalls {
+            self.symbols.remember_process(s.pid);
+        }
+        let sample_stacks = d.samples.iter().map(|s| Stack {
             pid: s.pid,
             user: s.user.as_deref(),
             kernel: s.kernel.as_deref(),
         });
-        let wait_stacks = waits.iter().flat_map(|w| {
+        let wait_stacks = d.waits.iter().flat_map(|w| {
             let waiter = Stack {
                 pid: w.pid,
                 user: w.user.as_deref(),
@@ -82,16 +95,26 @@ impl Recording {
             });
             std::iter::once(waiter).chain(waker)
         });
+        let slow_stacks = d.slow.iter().map(|s| Stack {
+            pid: s.pid,
+            user: s.user.as_deref(),
+            kernel: None,
+        });
         self.symbols
-            .resolve(sample_stacks.chain(wait_stacks), &self.symbolizer)
+            .resolve(
+                sample_stacks.chain(wait_stacks).chain(slow_stacks),
+                &self.symbolizer,
+            )
             .await;
-        self.oncpu.add(samples);
-        self.offcpu.add(waits);
+        self.oncpu.add(d.samples);
+        self.offcpu.add(d.waits);
+        self.syscalls.add(d.syscalls, &d.errnos, d.slow);
         Ok(())
     }
 }
 
-pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
+/// Fails, naming them, when capabilities needed to load the programs are missing.
+fn check_privileges() -> anyhow::Result<()> {
     let eff = privilege::effective().context("reading our capabilities")?;
     let missing = privilege::missing(eff, &privilege::RECORD_REQUIRED);
     if !missing.is_empty() {
@@ -107,6 +130,11 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
             privilege::names(&weak)
         );
     }
+    Ok(())
+}
+
+pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
+    check_privileges()?;
     output::prepare_dir(&config.output_dir)?;
     raise_memlock_limit();
 
@@ -122,6 +150,11 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
         stacks_max_entries: config.stack_map_size,
         offcpu_min_ns: config.off_cpu_min.as_nanos() as u64,
         offcpu_threads_max_entries: config.off_cpu_threads,
+        syscall_slow_ns: config.syscall_slow.as_nanos() as u64,
+        byte_syscalls: BYTE_SYSCALLS
+            .iter()
+            .filter_map(|n| syscall_number(n))
+            .collect(),
     })
     .context("setting up the eBPF probes")?;
     let mut rec = Recording {
@@ -130,6 +163,7 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
         symbols,
         oncpu: OnCpuProfile::default(),
         offcpu: OffCpuProfile::default(),
+        syscalls: SyscallProfile::default(),
     };
 
     let started_wall = SystemTime::now();
@@ -227,7 +261,7 @@ fn write_profiles(
         p
     };
     let mut files = Vec::new();
-    let mut write = |name: &str, profile: &Profile| -> anyhow::Result<()> {
+    let write = |files: &mut Vec<PathBuf>, name: &str, profile: &Profile| -> anyhow::Result<()> {
         let path = config.output_dir.join(name);
         output::write_atomic(&path, &pprof::encode_gzip(profile))?;
         files.push(path);
@@ -239,7 +273,7 @@ fn write_profiles(
             rec.oncpu
                 .to_pprof(&rec.symbols, config.period_ns(), &comments),
         );
-        write("cpu.pb.gz", &profile)?;
+        write(&mut files, "cpu.pb.gz", &profile)?;
         cpu = Some(CpuSummary {
             samples: rec.oncpu.total_samples(),
             top: top_functions(&profile, 0, config.top),
@@ -248,8 +282,9 @@ fn write_profiles(
     let mut offcpu = None;
     if config.events.offcpu {
         let profile = time(rec.offcpu.to_offcpu_pprof(&rec.symbols, &comments));
-        write("offcpu.pb.gz", &profile)?;
+        write(&mut files, "offcpu.pb.gz", &profile)?;
         write(
+            &mut files,
             "offwake.pb.gz",
             &time(rec.offcpu.to_offwake_pprof(&rec.symbols, &comments)),
         )?;
@@ -268,6 +303,14 @@ fn write_profiles(
             top: top_stacks(&profile, 1, 0, config.top, label),
         });
     }
+    let syscall = if config.events.syscall {
+        let profile = time(rec.syscalls.to_pprof(&rec.symbols, &comments));
+        Some(write_syscalls(
+            config, rec, &stats, elapsed, &profile, &mut files,
+        )?)
+    } else {
+        None
+    };
     Ok(RecordReport {
         files,
         stats,
@@ -276,15 +319,22 @@ fn write_profiles(
         stop_reason,
         cpu,
         offcpu,
+        syscall,
     })
 }
 
 fn describe(config: &RecordConfig) -> String {
-    let what = match (config.events.cpu, config.events.offcpu) {
-        (true, true) => "on-CPU and off-CPU stacks",
-        (false, true) => "off-CPU stacks",
-        _ => "on-CPU stacks",
-    };
+    let mut whats = Vec::new();
+    if config.events.cpu {
+        whats.push("on-CPU stacks");
+    }
+    if config.events.offcpu {
+        whats.push("off-CPU waits");
+    }
+    if config.events.syscall {
+        whats.push("syscall latency");
+    }
+    let what = whats.join(", ");
     let whom = config.pids.as_ref().map_or_else(
         || "every process".to_owned(),
         |p| {
@@ -353,6 +403,18 @@ fn comments(
             stats.get(stat::OFFCPU_READ_ERRORS),
         ));
     }
+    if config.events.syscall {
+        lines.push(format!(
+            "syscalls: entered {}, recorded {}, lost {} (histogram map full), errnos lost {}, slow (>= {:?}) {}, slow stacks lost {}",
+            stats.get(stat::SYSCALL_ENTERS),
+            stats.get(stat::SYSCALL_RECORDED),
+            stats.get(stat::SYSCALL_DROPPED_FULL),
+            stats.get(stat::SYSCALL_ERRNO_DROPPED),
+            config.syscall_slow,
+            stats.get(stat::SYSCALL_SLOW),
+            stats.get(stat::SYSCALL_SLOW_DROPPED),
+        ));
+    }
     lines.push(format!("unsymbolized addresses: {unsymbolized}"));
     lines
 }
@@ -377,82 +439,179 @@ fn raise_memlock_limit() {
 pub fn summary(report: &RecordReport) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let s = &report.stats;
     let _ = writeln!(
         out,
         "Recorded for {:.1?} ({}).",
         report.elapsed, report.stop_reason
     );
     if let Some(cpu) = &report.cpu {
-        let _ = writeln!(
-            out,
-            "\nOn-CPU: {} samples. Lost samples: {} (count map full); lost stacks: {}",
-            cpu.samples,
-            s.lost_samples(),
-            s.lost_stacks(),
-        );
-        if cpu.samples > 0 {
-            let _ = writeln!(
-                out,
-                "{:>8} {:>7} {:>8} {:>7}  function",
-                "self", "self%", "total", "total%"
-            );
-            let pct = |n: u64| 100.0 * n as f64 / cpu.samples as f64;
-            for t in &cpu.top {
-                let _ = writeln!(
-                    out,
-                    "{:>8} {:>6.1}% {:>8} {:>6.1}%  {}",
-                    t.self_samples,
-                    pct(t.self_samples),
-                    t.total_samples,
-                    pct(t.total_samples),
-                    t.name
-                );
-            }
-        }
+        cpu_summary(&mut out, cpu, &report.stats);
     }
     if let Some(off) = &report.offcpu {
-        let _ = writeln!(
-            out,
-            "\nOff-CPU: {:.3} s waited in {} waits. Lost waits: {} (map full), {} (start map full); lost stacks: {}",
-            off.total_ns as f64 / 1e9,
-            off.waits,
-            s.get(stat::OFFCPU_DROPPED_FULL),
-            off.evicted,
-            s.get(stat::OFFCPU_STACK_MAP_FULL) + s.get(stat::OFFCPU_STACK_COLLISION),
-        );
-        if off.waits > 0 {
-            let _ = writeln!(
-                out,
-                "{:>10} {:>6} {:>8}  {:<20} user stack (leaf first)",
-                "waited", "%", "waits", "thread state"
-            );
-            for t in &off.top {
-                let mut frames = t.frames.clone();
-                if frames.len() > 90 {
-                    frames.truncate(frames.floor_char_boundary(87));
-                    frames.push_str("...");
-                }
-                let _ = writeln!(
-                    out,
-                    "{:>8.1}ms {:>5.1}% {:>8}  {:<20} {}",
-                    t.value as f64 / 1e6,
-                    100.0 * t.value as f64 / off.total_ns.max(1) as f64,
-                    t.count,
-                    t.label,
-                    frames
-                );
-            }
-        }
+        offcpu_summary(&mut out, off, &report.stats);
+    }
+    if let Some(sys) = &report.syscall {
+        syscall_summary(&mut out, sys, &report.stats);
     }
     let _ = writeln!(out, "\nUnsymbolized addresses: {}", report.unsymbolized);
     for file in &report.files {
         let _ = writeln!(out, "Profile: {}", file.display());
     }
-    if let Some(first) = report.files.first() {
+    if let Some(first) = report
+        .files
+        .iter()
+        .find(|f| f.extension().is_some_and(|e| e == "gz"))
+    {
         let _ = writeln!(out, "Open with: go tool pprof -http=: {}", first.display());
     }
     out
+}
+
+fn cpu_summary(out: &mut String, cpu: &CpuSummary, s: &ProbeStats) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "\nOn-CPU: {} samples. Lost samples: {} (count map full); lost stacks: {}",
+        cpu.samples,
+        s.lost_samples(),
+        s.lost_stacks(),
+    );
+    if cpu.samples > 0 {
+        let _ = writeln!(
+            out,
+            "{:>8} {:>7} {:>8} {:>7}  function",
+            "self", "self%", "total", "total%"
+        );
+        let pct = |n: u64| 100.0 * n as f64 / cpu.samples as f64;
+        for t in &cpu.top {
+            let _ = writeln!(
+                out,
+                "{:>8} {:>6.1}% {:>8} {:>6.1}%  {}",
+                t.self_samples,
+                pct(t.self_samples),
+                t.total_samples,
+                pct(t.total_samples),
+                t.name
+            );
+        }
+    }
+}
+
+fn offcpu_summary(out: &mut String, off: &OffCpuSummary, s: &ProbeStats) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "\nOff-CPU: {:.3} s waited in {} waits. Lost waits: {} (map full), {} (start map full); lost stacks: {}",
+        off.total_ns as f64 / 1e9,
+        off.waits,
+        s.get(stat::OFFCPU_DROPPED_FULL),
+        off.evicted,
+        s.get(stat::OFFCPU_STACK_MAP_FULL) + s.get(stat::OFFCPU_STACK_COLLISION),
+    );
+    if off.waits > 0 {
+        let _ = writeln!(
+            out,
+            "{:>10} {:>6} {:>8}  {:<20} user stack (leaf first)",
+            "waited", "%", "waits", "thread state"
+        );
+        for t in &off.top {
+            let mut frames = t.frames.clone();
+            if frames.len() > 90 {
+                frames.truncate(frames.floor_char_boundary(87));
+                frames.push_str("...");
+            }
+            let _ = writeln!(
+                out,
+                "{:>8.1}ms {:>5.1}% {:>8}  {:<20} {}",
+                t.value as f64 / 1e6,
+                100.0 * t.value as f64 / off.total_ns.max(1) as f64,
+                t.count,
+                t.label,
+                frames
+            );
+        }
+    }
+}
+
+fn syscall_summary(out: &mut String, sys: &SyscallSummary, s: &ProbeStats) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "\nSyscalls by total time. Lost: {} (histogram map full), {} slow stacks",
+        s.get(stat::SYSCALL_DROPPED_FULL),
+        s.get(stat::SYSCALL_SLOW_DROPPED),
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>8} {:<16} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>11}",
+        "syscall", "pid", "comm", "count", "errors", "p50", "p90", "p99", "max", "total"
+    );
+    let t = |ns: u64| {
+        if ns >= 1_000_000 {
+            format!("{:.2}ms", ns as f64 / 1e6)
+        } else {
+            format!("{:.1}us", ns as f64 / 1e3)
+        }
+    };
+    for r in &sys.rows {
+        let _ = writeln!(
+            out,
+            "{:<18} {:>8} {:<16} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>11}",
+            r.syscall,
+            r.pid,
+            r.comm,
+            r.count,
+            r.errors,
+            t(r.p50_ns),
+            t(r.p90_ns),
+            t(r.p99_ns),
+            t(r.max_ns),
+            t(r.total_ns)
+        );
+    }
+    for (title, histogram) in &sys.histograms {
+        let _ = write!(out, "\n{title}:\n{histogram}");
+    }
+}
+
+/// Writes `syscall-latency.json` and `syscall.pb.gz` (`profile`); returns the summary's part.
+fn write_syscalls(
+    config: &RecordConfig,
+    rec: &Recording,
+    stats: &ProbeStats,
+    elapsed: Duration,
+    profile: &Profile,
+    files: &mut Vec<PathBuf>,
+) -> anyhow::Result<SyscallSummary> {
+    let dropped = serde_json::json!({
+        "histogram_map_full": stats.get(stat::SYSCALL_DROPPED_FULL),
+        "errno_map_full": stats.get(stat::SYSCALL_ERRNO_DROPPED),
+        "slow_stacks_lost": stats.get(stat::SYSCALL_SLOW_DROPPED),
+    });
+    let json = rec
+        .syscalls
+        .to_json(&rec.symbols, elapsed.as_nanos() as u64, &dropped);
+    let path = config.output_dir.join("syscall-latency.json");
+    output::write_atomic(&path, json.as_bytes())?;
+    files.push(path);
+    let path = config.output_dir.join("syscall.pb.gz");
+    output::write_atomic(&path, &pprof::encode_gzip(profile))?;
+    files.push(path);
+    let rows = rec.syscalls.rows(&rec.symbols);
+    let histograms = rows
+        .iter()
+        .take(3)
+        .map(|r| {
+            (
+                format!("{} (pid {} {})", r.syscall, r.pid, r.comm),
+                rec.syscalls.log2_histogram(r.pid, r.nr),
+            )
+        })
+        .collect();
+    Ok(SyscallSummary {
+        rows: rows.into_iter().take(config.top).collect(),
+        histograms,
+    })
 }
 
 /// Letters of the states present in an off-CPU profile (for tests and tools).

@@ -8,4 +8,5 @@
 mod bad_input;
 mod offcpu;
 mod oncpu;
+mod syscall;
 mod util;

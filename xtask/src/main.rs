@@ -5,6 +5,7 @@
 //! Debian packages of the real clients the tests check against (`go tool pprof`).
 
 mod setup;
+mod tables;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +30,8 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         seconds: u32,
     },
+    /// Regenerate profiler/src/tables.rs (syscall and errno names) from the kernel headers.
+    GenTables,
     /// Build, install the test clients, run every test (unit and privileged integration tests).
     Test {
         /// Extra arguments for the test harness (for example a test name filter).
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Task::Build => build(&root).map(|_| ()),
         Task::Demo { seconds } => demo(&root, seconds),
         Task::Test { args } => test(&root, &args),
+        Task::GenTables => tables::generate(&root),
     }
 }
 

@@ -9,14 +9,16 @@
 
 mod offcpu;
 mod oncpu;
+mod syscall;
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, StackTraceMap};
 use aya::programs::ProgramError;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use profiler_common::{globals, maps as m, stat};
 
 pub use offcpu::{RawWait, Waker};
 pub use oncpu::RawSample;
+pub use syscall::{RawErrno, RawSlow, RawSyscall};
 
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -67,6 +69,7 @@ pub enum BpfError {
 pub struct Events {
     pub cpu: bool,
     pub offcpu: bool,
+    pub syscall: bool,
 }
 
 /// How to set up the probes.
@@ -85,6 +88,10 @@ pub struct ProbeOptions {
     pub offcpu_min_ns: u64,
     /// Off-CPU: threads tracked while switched out (LRU).
     pub offcpu_threads_max_entries: u32,
+    /// Syscalls: calls at least this slow have their stacks recorded.
+    pub syscall_slow_ns: u64,
+    /// Syscalls: numbers whose return value counts bytes.
+    pub byte_syscalls: Vec<u32>,
 }
 
 impl Default for ProbeOptions {
@@ -92,7 +99,7 @@ impl Default for ProbeOptions {
         Self {
             events: Events {
                 cpu: true,
-                offcpu: false,
+                ..Events::default()
             },
             frequency_hz: 99,
             pids: None,
@@ -100,7 +107,42 @@ impl Default for ProbeOptions {
             stacks_max_entries: m::STACKS_MAX_ENTRIES,
             offcpu_min_ns: 1_000,
             offcpu_threads_max_entries: m::OFFCPU_START_MAX_ENTRIES,
+            syscall_slow_ns: 1_000_000,
+            byte_syscalls: Vec::new(),
         }
+    }
+}
+
+/// Everything drained from the idle buffers.
+#[derive(Debug, Default)]
+pub struct Drained {
+    pub samples: Vec<RawSample>,
+    pub waits: Vec<RawWait>,
+    pub syscalls: Vec<RawSyscall>,
+    pub errnos: Vec<RawErrno>,
+    pub slow: Vec<RawSlow>,
+}
+
+/// Reads stack ids of one stack map, each once.
+pub(crate) struct StackReader<'m> {
+    map: &'m StackTraceMap<MapData>,
+    cache: std::collections::HashMap<i32, Option<Vec<u64>>>,
+}
+
+impl StackReader<'_> {
+    pub(crate) fn get(&mut self, id: i32) -> Option<Vec<u64>> {
+        if id == profiler_common::NO_STACK {
+            return None;
+        }
+        let map = self.map;
+        self.cache
+            .entry(id)
+            .or_insert_with(|| {
+                map.get(&(id as u32), 0)
+                    .ok()
+                    .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
+            })
+            .clone()
     }
 }
 
@@ -143,8 +185,11 @@ pub struct Probes {
     active_buffer: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     active: u32,
+    /// Stacks of on-CPU samples and slow syscalls, double-buffered with their aggregates.
+    stacks: [StackTraceMap<MapData>; 2],
     oncpu: Option<oncpu::OnCpu>,
     offcpu: Option<offcpu::OffCpu>,
+    syscalls: Option<syscall::Syscalls>,
 }
 
 impl Probes {
@@ -163,15 +208,27 @@ impl Probes {
         loader
             .override_global(globals::FILTER_PIDS, &filter, true)
             .override_global(globals::TASK_PID_OFFSET, &task_pid_offset, true)
-            .override_global(globals::OFFCPU_MIN_NS, &options.offcpu_min_ns, true);
+            .override_global(globals::OFFCPU_MIN_NS, &options.offcpu_min_ns, true)
+            .override_global(globals::SYSCALL_SLOW_NS, &options.syscall_slow_ns, true);
         // Maps of events not recorded shrink to one entry: they are created all the same.
         let size = |on: bool, n: u32| if on { n } else { 1 };
-        let (cpu, off) = (options.events.cpu, options.events.offcpu);
+        let Events {
+            cpu,
+            offcpu: off,
+            syscall: sys,
+        } = options.events;
         for (name, n) in [
             (m::COUNTS_A, size(cpu, options.counts_max_entries)),
             (m::COUNTS_B, size(cpu, options.counts_max_entries)),
-            (m::STACKS_A, size(cpu, options.stacks_max_entries)),
-            (m::STACKS_B, size(cpu, options.stacks_max_entries)),
+            (m::STACKS_A, size(cpu || sys, options.stacks_max_entries)),
+            (m::STACKS_B, size(cpu || sys, options.stacks_max_entries)),
+            (m::SYSCALLS_A, size(sys, m::SYSCALLS_MAX_ENTRIES)),
+            (m::SYSCALLS_B, size(sys, m::SYSCALLS_MAX_ENTRIES)),
+            (m::ERRNOS_A, size(sys, m::ERRNOS_MAX_ENTRIES)),
+            (m::ERRNOS_B, size(sys, m::ERRNOS_MAX_ENTRIES)),
+            (m::SLOW_A, size(sys, m::SLOW_MAX_ENTRIES)),
+            (m::SLOW_B, size(sys, m::SLOW_MAX_ENTRIES)),
+            (m::SYSCALL_START, size(sys, m::SYSCALL_START_MAX_ENTRIES)),
             (m::OFFCPU_A, size(off, m::OFFCPU_MAX_ENTRIES)),
             (m::OFFCPU_B, size(off, m::OFFCPU_MAX_ENTRIES)),
             (m::OFFCPU_STACKS, size(off, m::OFFCPU_STACKS_MAX_ENTRIES)),
@@ -193,6 +250,10 @@ impl Probes {
         }
         let active_buffer = take_map(&mut ebpf, m::ACTIVE_BUFFER)?;
         let stats = take_map(&mut ebpf, m::STATS)?;
+        let stacks = [
+            take_map(&mut ebpf, m::STACKS_A)?,
+            take_map(&mut ebpf, m::STACKS_B)?,
+        ];
         let oncpu = if cpu {
             Some(oncpu::OnCpu::attach(&mut ebpf, options.frequency_hz)?)
         } else {
@@ -203,13 +264,23 @@ impl Probes {
         } else {
             None
         };
+        let syscalls = if sys {
+            Some(syscall::Syscalls::attach(
+                &mut ebpf,
+                &options.byte_syscalls,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             ebpf,
             active_buffer,
             stats,
             active: 0,
+            stacks,
             oncpu,
             offcpu,
+            syscalls,
         })
     }
 
@@ -227,24 +298,31 @@ impl Probes {
         Ok(())
     }
 
-    fn idle(&self) -> usize {
-        (1 - self.active) as usize
-    }
-
-    /// Reads and clears the idle on-CPU buffer (empty when on-CPU is not recorded).
-    pub fn drain_oncpu(&mut self) -> Result<Vec<RawSample>, BpfError> {
-        let idle = self.idle();
-        self.oncpu
-            .as_mut()
-            .map_or(Ok(Vec::new()), |o| o.drain(idle))
-    }
-
-    /// Reads and clears the idle off-CPU buffer (empty when off-CPU is not recorded).
-    pub fn drain_offcpu(&mut self) -> Result<Vec<RawWait>, BpfError> {
-        let idle = self.idle();
-        self.offcpu
-            .as_mut()
-            .map_or(Ok(Vec::new()), |o| o.drain(idle))
+    /// Reads and clears every idle buffer.
+    pub fn drain(&mut self) -> Result<Drained, BpfError> {
+        let idle = (1 - self.active) as usize;
+        let mut drained = Drained::default();
+        let mut stacks = StackReader {
+            map: &self.stacks[idle],
+            cache: std::collections::HashMap::new(),
+        };
+        if let Some(oncpu) = &mut self.oncpu {
+            drained.samples = oncpu.drain(idle, &mut stacks)?;
+        }
+        if let Some(syscalls) = &mut self.syscalls {
+            syscalls.drain(idle, &mut stacks, &mut drained)?;
+        }
+        if let Some(offcpu) = &mut self.offcpu {
+            drained.waits = offcpu.drain(idle)?;
+        }
+        let ids: Vec<u32> = self.stacks[idle]
+            .stack_ids()
+            .filter_map(Result::ok)
+            .collect();
+        for id in ids {
+            let _ = self.stacks[idle].remove(&id);
+        }
+        Ok(drained)
     }
 
     /// Threads switched out and not back yet (off-CPU).

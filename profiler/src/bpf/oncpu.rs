@@ -1,11 +1,12 @@
 //! The on-CPU sampler: a cpu-clock perf event on every online CPU, counts of (thread, stacks) in
-//! double-buffered per-CPU hash maps, stacks in double-buffered stack maps cleared at each drain.
+//! double-buffered per-CPU hash maps, stacks in the double-buffered stack maps `Probes` clears at
+//! each drain.
 
 use aya::Ebpf;
-use aya::maps::{MapData, PerCpuHashMap, StackTraceMap};
+use aya::maps::{MapData, PerCpuHashMap};
 use aya::programs::PerfEvent;
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
-use profiler_common::{NO_STACK, SampleKey, maps as m};
+use profiler_common::{SampleKey, maps as m};
 
 use super::{BpfError, comm_string, take_map};
 
@@ -25,14 +26,12 @@ pub struct RawSample {
 
 pub(super) struct OnCpu {
     counts: [PerCpuHashMap<MapData, SampleKey, u64>; 2],
-    stacks: [StackTraceMap<MapData>; 2],
 }
 
 impl OnCpu {
     pub(super) fn attach(ebpf: &mut Ebpf, frequency_hz: u64) -> Result<Self, BpfError> {
         let on_cpu = Self {
             counts: [take_map(ebpf, m::COUNTS_A)?, take_map(ebpf, m::COUNTS_B)?],
-            stacks: [take_map(ebpf, m::STACKS_A)?, take_map(ebpf, m::STACKS_B)?],
         };
         let program_err = |source| BpfError::Program {
             name: PROGRAM,
@@ -63,8 +62,12 @@ impl OnCpu {
         Ok(on_cpu)
     }
 
-    /// Reads and clears buffer `idle`.
-    pub(super) fn drain(&mut self, idle: usize) -> Result<Vec<RawSample>, BpfError> {
+    /// Reads and clears buffer `idle`; stack ids resolve through `stacks` (the idle stack map).
+    pub(super) fn drain(
+        &mut self,
+        idle: usize,
+        stacks: &mut super::StackReader<'_>,
+    ) -> Result<Vec<RawSample>, BpfError> {
         let counts_name = if idle == 0 { m::COUNTS_A } else { m::COUNTS_B };
         let mut entries = Vec::new();
         for entry in &self.counts[idle] {
@@ -74,44 +77,20 @@ impl OnCpu {
             })?;
             entries.push((key, per_cpu.iter().sum::<u64>()));
         }
-        let stacks = &self.stacks[idle];
-        let mut cache: std::collections::HashMap<i32, Option<Vec<u64>>> =
-            std::collections::HashMap::new();
-        let mut resolve = |id: i32| -> Option<Vec<u64>> {
-            if id == NO_STACK {
-                return None;
-            }
-            cache
-                .entry(id)
-                .or_insert_with(|| {
-                    stacks
-                        .get(&(id as u32), 0)
-                        .ok()
-                        .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
-                })
-                .clone()
-        };
         let samples = entries
             .iter()
             .map(|(key, count)| RawSample {
                 pid: key.pid,
                 tid: key.tid,
                 comm: comm_string(&key.comm),
-                user: resolve(key.user_stack_id),
-                kernel: resolve(key.kernel_stack_id),
+                user: stacks.get(key.user_stack_id),
+                kernel: stacks.get(key.kernel_stack_id),
                 count: *count,
             })
             .collect();
         for (key, _) in &entries {
             // A key can only vanish if something else deleted it: nothing worth failing for.
             let _ = self.counts[idle].remove(key);
-        }
-        let ids: Vec<u32> = self.stacks[idle]
-            .stack_ids()
-            .filter_map(Result::ok)
-            .collect();
-        for id in ids {
-            let _ = self.stacks[idle].remove(&id);
         }
         Ok(samples)
     }
