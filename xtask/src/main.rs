@@ -4,6 +4,7 @@
 //! `bpf-linker` (built against the nightly's own LLVM, into the cargo home), and for tests the
 //! Debian packages of the real clients the tests check against (`go tool pprof`).
 
+mod bench;
 mod setup;
 mod tables;
 
@@ -30,6 +31,12 @@ enum Task {
         #[arg(long, default_value_t = 5)]
         seconds: u32,
     },
+    /// Measure the overhead of each signal against the peers; writes target/bench/report.md.
+    Bench {
+        /// Interleaved runs per configuration.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Regenerate profiler/src/tables.rs (syscall and errno names) from the kernel headers.
     GenTables,
     /// Build, install the test clients, run every test (unit and privileged integration tests).
@@ -48,6 +55,17 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { seconds } => demo(&root, seconds),
         Task::Test { args } => test(&root, &args),
         Task::GenTables => tables::generate(&root),
+        Task::Bench { runs } => {
+            let cprof = build(&root)?;
+            require_root("the benchmarks load eBPF programs")?;
+            setup::debian_packages(&[
+                ("perf", "linux-perf"),
+                ("bpftrace", "bpftrace"),
+                ("bpftool", "bpftool"),
+                ("offcputime", "libbpf-tools"),
+            ])?;
+            bench::run(&root, &cprof, runs)
+        }
     }
 }
 

@@ -1,0 +1,460 @@
+//! `cargo xtask bench`: the measured cost of each cprof signal on workloads with known work, side
+//! by side with peers (perf, bpftrace, libbpf-tools) on the same workloads, plus the in-kernel
+//! cost per program run (`kernel.bpf_stats_enabled`) and the agent's own CPU and memory.
+//!
+//! Every configuration runs the same workload `runs` times, interleaved with the others, and is
+//! reported as the median slowdown against the runs without a profiler, with min and max. The
+//! report goes to `target/bench/report.md` and `report.json`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// One way of running a workload: with nothing, with cprof, or with a peer.
+#[derive(Clone, Debug)]
+struct Config {
+    name: String,
+    /// Command line; empty for the baseline.
+    argv: Vec<String>,
+    /// A line on stderr (or stdout) that says the profiler is attached; `None`: wait a fixed time.
+    ready: Option<&'static str>,
+    is_cprof: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Measured {
+    elapsed_ns: Vec<u64>,
+    /// Per program: (run_time_ns, run_cnt) summed over runs.
+    prog_stats: BTreeMap<String, (u64, u64)>,
+    /// cprof's own CPU seconds and peak RSS (KiB) while recording, per run.
+    agent_cpu_s: Vec<f64>,
+    agent_rss_kib: Vec<u64>,
+}
+
+struct Workload {
+    name: &'static str,
+    args: Vec<String>,
+    configs: Vec<Config>,
+}
+
+pub fn run(root: &Path, cprof: &Path, runs: usize) -> anyhow::Result<()> {
+    let bench = crate::setup::workload(root, "bench")?;
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let scratch = out_dir.join("scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let _stats = BpfStats::enable()?;
+    let cprof = cprof.display().to_string();
+    let cp = |name: &str, args: &[&str]| {
+        let mut argv = vec![cprof.clone(), "record".into()];
+        argv.extend(args.iter().map(|s| (*s).to_owned()));
+        argv.extend(["--output".into(), scratch.join(name).display().to_string()]);
+        Config {
+            name: format!("cprof {}", args.join(" ")),
+            argv,
+            ready: Some("cprof: recording"),
+            is_cprof: true,
+        }
+    };
+    let peer = |name: &str, argv: &[&str], ready: Option<&'static str>| Config {
+        name: name.to_owned(),
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+        ready,
+        is_cprof: false,
+    };
+    let baseline = Config {
+        name: "no profiler".into(),
+        argv: Vec::new(),
+        ready: None,
+        is_cprof: false,
+    };
+    let perf_data = scratch.join("perf.data").display().to_string();
+    let mut workloads = vec![
+        Workload {
+            name: "CPU-bound, one thread",
+            args: vec!["cpu".into(), "80000".into()],
+            configs: vec![baseline.clone()],
+        },
+        Workload {
+            name: "pipe ping-pong (50 k round trips)",
+            args: vec!["pingpong".into(), "50000".into()],
+            configs: vec![
+                baseline.clone(),
+                cp("offcpu", &["-e", "offcpu"]),
+                cp("all-pp", &["-e", "all"]),
+                peer("libbpf-tools offcputime", &["offcputime"], None),
+                peer("libbpf-tools runqlat", &["runqlat"], None),
+                peer(
+                    "bpftrace sched_switch stacks",
+                    &[
+                        "bpftrace",
+                        "-e",
+                        "tracepoint:sched:sched_switch { @[kstack, ustack] = count(); }",
+                    ],
+                    Some("Attaching"),
+                ),
+            ],
+        },
+        Workload {
+            name: "syscall loop (3 M getppid)",
+            args: vec!["syscalls".into(), "3000000".into()],
+            configs: vec![
+                baseline.clone(),
+                cp("syscall", &["-e", "syscall"]),
+                cp("all-sys", &["-e", "all"]),
+                peer("libbpf-tools syscount", &["syscount"], None),
+                peer("libbpf-tools syscount -L", &["syscount", "-L"], None),
+                peer(
+                    "bpftrace enter/exit histogram",
+                    &[
+                        "bpftrace",
+                        "-e",
+                        "tracepoint:raw_syscalls:sys_enter { @s[tid] = nsecs; } tracepoint:raw_syscalls:sys_exit /@s[tid]/ { @h = hist(nsecs - @s[tid]); delete(@s[tid]); }",
+                    ],
+                    Some("Attaching"),
+                ),
+            ],
+        },
+    ];
+    for hz in ["19", "99", "999", "4999"] {
+        workloads[0]
+            .configs
+            .push(cp(&format!("cpu{hz}"), &["-e", "cpu", "-F", hz]));
+    }
+    workloads[0]
+        .configs
+        .push(cp("all-cpu", &["-e", "all", "-F", "99"]));
+    for hz in ["99", "999", "4999"] {
+        workloads[0].configs.push(peer(
+            &format!("perf record -a -g -F {hz}"),
+            &[
+                "perf", "record", "-q", "-a", "-g", "-F", hz, "-o", &perf_data,
+            ],
+            None,
+        ));
+        workloads[0].configs.push(peer(
+            &format!("bpftrace profile:hz:{hz}"),
+            &[
+                "bpftrace",
+                "-e",
+                &format!("profile:hz:{hz} {{ @[kstack, ustack] = count(); }}"),
+            ],
+            Some("Attaching"),
+        ));
+    }
+
+    let mut results: Vec<(&Workload, Vec<Measured>)> = Vec::new();
+    for workload in &workloads {
+        let mut measured = vec![Measured::default(); workload.configs.len()];
+        for run in 0..runs {
+            for (config, m) in workload.configs.iter().zip(measured.iter_mut()) {
+                eprintln!(
+                    "bench: {} | {} | run {}/{runs}",
+                    workload.name,
+                    config.name,
+                    run + 1
+                );
+                measure(&bench, &workload.args, config, m)
+                    .with_context(|| format!("{} under {}", workload.name, config.name))?;
+            }
+        }
+        results.push((workload, measured));
+    }
+    let (markdown, json) = report(root, &results, runs)?;
+    std::fs::write(out_dir.join("report.md"), &markdown)?;
+    std::fs::write(out_dir.join("report.json"), json)?;
+    println!("{markdown}");
+    println!("bench: wrote {}", out_dir.join("report.md").display());
+    Ok(())
+}
+
+fn measure(bench: &Path, args: &[String], config: &Config, m: &mut Measured) -> anyhow::Result<()> {
+    let mut profiler = match config.argv.split_first() {
+        None => None,
+        Some((program, rest)) => Some(start_profiler(program, rest, config.ready)?),
+    };
+    let out = Command::new(bench).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "the workload failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let elapsed: u64 = stdout
+        .trim()
+        .strip_prefix("elapsed_ns=")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("workload output {stdout:?}"))?;
+    m.elapsed_ns.push(elapsed);
+    if let Some(p) = profiler.as_mut() {
+        if config.is_cprof {
+            for (name, (time, count)) in prog_stats()? {
+                let e = m.prog_stats.entry(name).or_default();
+                e.0 += time;
+                e.1 += count;
+            }
+            let (cpu, rss) = process_usage(p.id())?;
+            m.agent_cpu_s.push(cpu);
+            m.agent_rss_kib.push(rss);
+        }
+    }
+    if let Some(p) = profiler {
+        stop(p)?;
+    }
+    Ok(())
+}
+
+fn start_profiler(program: &str, args: &[String], ready: Option<&str>) -> anyhow::Result<Child> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program} (is it installed?)"))?;
+    match ready {
+        None => {
+            // Drain the output so that a chatty peer never blocks on a full pipe.
+            watch(child.stdout.take(), None);
+            watch(child.stderr.take(), None);
+            std::thread::sleep(Duration::from_millis(2000));
+        }
+        Some(marker) => {
+            // cprof says it on stderr, bpftrace ("Attaching N probes") on stdout.
+            let (tx, rx) = std::sync::mpsc::channel();
+            watch(child.stdout.take(), Some((marker, tx.clone())));
+            watch(child.stderr.take(), Some((marker, tx)));
+            if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                let _ = child.kill();
+                bail!("{program} did not report being attached within 60 s");
+            }
+            // Let it settle after attaching.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(child)
+}
+
+/// Reads a child's output to the end on a thread, telling `ready` when a line has its marker.
+fn watch(
+    stream: Option<impl std::io::Read + Send + 'static>,
+    ready: Option<(&str, std::sync::mpsc::Sender<()>)>,
+) {
+    let Some(stream) = stream else { return };
+    let ready = ready.map(|(marker, tx)| (marker.to_owned(), tx));
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some((marker, tx)) = &ready
+                && line.contains(marker.as_str())
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+}
+
+fn stop(mut child: Child) -> anyhow::Result<()> {
+    // SAFETY: plain kill(2) on our child.
+    unsafe { kill(child.id() as i32, 2) };
+    let start = Instant::now();
+    while child.try_wait()?.is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            bail!("a profiler did not stop within 60 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// CPU seconds used so far and peak RSS (KiB) of a process.
+fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split(' ')
+        .collect();
+    // utime and stime are fields 14 and 15 of stat; after "comm) " they are at 11 and 12.
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0);
+    Ok((ticks as f64 / 100.0, hwm))
+}
+
+/// `run_time_ns` and `run_cnt` of cprof's programs, from `bpftool prog show -j`.
+fn prog_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut stats = BTreeMap::new();
+    // A small scan of the JSON array: objects with "name", "run_time_ns", "run_cnt".
+    for object in text.split("},{") {
+        let field = |key: &str| -> Option<&str> {
+            let at = object.find(&format!("\"{key}\":"))? + key.len() + 3;
+            let rest = &object[at..];
+            let end = rest.find([',', '}']).unwrap_or(rest.len());
+            Some(rest[..end].trim_matches('"'))
+        };
+        let Some(name) = field("name") else { continue };
+        if !name.starts_with("on_") {
+            continue;
+        }
+        let time = field("run_time_ns")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let count = field("run_cnt").and_then(|v| v.parse().ok()).unwrap_or(0);
+        stats.insert(name.to_owned(), (time, count));
+    }
+    Ok(stats)
+}
+
+/// Turns `kernel.bpf_stats_enabled` on, and back to what it was when dropped.
+struct BpfStats {
+    before: String,
+}
+
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> anyhow::Result<Self> {
+        let before = std::fs::read_to_string(Self::PATH)?.trim().to_owned();
+        std::fs::write(Self::PATH, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.before);
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+fn report(
+    root: &Path,
+    results: &[(&Workload, Vec<Measured>)],
+    runs: usize,
+) -> anyhow::Result<(String, String)> {
+    let sh = |cmd: &[&str]| -> String {
+        Command::new(cmd[0])
+            .args(&cmd[1..])
+            .current_dir(root)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = sh(&["uname", "-r"]);
+    let commit = sh(&["git", "rev-parse", "--short", "HEAD"]);
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let mut md = String::new();
+    let _ = writeln!(md, "# cprof overhead benchmark\n");
+    let _ = writeln!(
+        md,
+        "Machine: {cpus} CPUs ({cpu_model}), kernel {kernel}; commit {commit}; {runs} interleaved runs per configuration. \
+         Slowdown = median wall time of the workload with the profiler attached system-wide / median without (min-max in brackets). \
+         Command: `cargo xtask bench`.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| workload | configuration | median time | slowdown (min-max) | BPF ns per run (runs) | agent CPU s / peak RSS |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- |");
+    let mut json_rows = Vec::new();
+    for (workload, measured) in results {
+        let base: Vec<f64> = measured[0].elapsed_ns.iter().map(|&n| n as f64).collect();
+        let base_median = median(&base);
+        for (config, m) in workload.configs.iter().zip(measured) {
+            let times: Vec<f64> = m.elapsed_ns.iter().map(|&n| n as f64).collect();
+            let ratios: Vec<f64> = times.iter().map(|t| t / base_median).collect();
+            let med = median(&times) / base_median;
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &r| (a.min(r), b.max(r)));
+            let progs: Vec<String> = m
+                .prog_stats
+                .iter()
+                .filter(|(_, (_, n))| *n > 0)
+                .map(|(name, (t, n))| format!("{name} {:.0} ({n})", *t as f64 / *n as f64))
+                .collect();
+            let agent = if m.agent_cpu_s.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "{:.2} s / {:.1} MiB",
+                    median(&m.agent_cpu_s),
+                    m.agent_rss_kib.iter().copied().max().unwrap_or(0) as f64 / 1024.0
+                )
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.3} s | x{med:.3} ({lo:.3}-{hi:.3}) | {} | {} |",
+                workload.name,
+                config.name,
+                median(&times) / 1e9,
+                progs.join("; "),
+                agent
+            );
+            json_rows.push(format!(
+                "{{\"workload\":{:?},\"config\":{:?},\"median_s\":{:.6},\"slowdown\":{med:.4},\"min\":{lo:.4},\"max\":{hi:.4},\"elapsed_ns\":{:?},\"bpf\":{{{}}},\"agent_cpu_s\":{:?},\"agent_rss_kib\":{:?}}}",
+                workload.name,
+                config.name,
+                median(&times) / 1e9,
+                m.elapsed_ns,
+                m.prog_stats
+                    .iter()
+                    .map(|(k, (t, n))| format!("{k:?}:{{\"run_time_ns\":{t},\"run_cnt\":{n}}}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                m.agent_cpu_s,
+                m.agent_rss_kib
+            ));
+        }
+    }
+    let json = format!(
+        "{{\"cpus\":{cpus},\"cpu_model\":{cpu_model:?},\"kernel\":{kernel:?},\"commit\":{commit:?},\"runs\":{runs},\"results\":[{}]}}\n",
+        json_rows.join(",")
+    );
+    Ok((md, json))
+}
