@@ -28,7 +28,7 @@ struct Config {
 #[derive(Clone, Debug, Default)]
 struct Measured {
     elapsed_ns: Vec<u64>,
-    /// Per program: (run_time_ns, run_cnt) summed over runs.
+    /// Per program: (`run_time_ns`, `run_cnt`) summed over runs.
     prog_stats: BTreeMap<String, (u64, u64)>,
     /// cprof's own CPU seconds and peak RSS (KiB) while recording, per run.
     agent_cpu_s: Vec<f64>,
@@ -48,9 +48,36 @@ pub fn run(root: &Path, cprof: &Path, runs: usize) -> anyhow::Result<()> {
     let scratch = out_dir.join("scratch");
     std::fs::create_dir_all(&scratch)?;
     let _stats = BpfStats::enable()?;
-    let cprof = cprof.display().to_string();
+    let workloads = workloads(&cprof.display().to_string(), &scratch);
+    let mut results: Vec<(&Workload, Vec<Measured>)> = Vec::new();
+    for workload in &workloads {
+        let mut measured = vec![Measured::default(); workload.configs.len()];
+        for run in 0..runs {
+            for (config, m) in workload.configs.iter().zip(measured.iter_mut()) {
+                eprintln!(
+                    "bench: {} | {} | run {}/{runs}",
+                    workload.name,
+                    config.name,
+                    run + 1
+                );
+                measure(&bench, &workload.args, config, m)
+                    .with_context(|| format!("{} under {}", workload.name, config.name))?;
+            }
+        }
+        results.push((workload, measured));
+    }
+    let (markdown, json) = report(root, &results, runs);
+    std::fs::write(out_dir.join("report.md"), &markdown)?;
+    std::fs::write(out_dir.join("report.json"), json)?;
+    println!("{markdown}");
+    println!("bench: wrote {}", out_dir.join("report.md").display());
+    Ok(())
+}
+
+/// The workloads and, for each, the configurations to compare.
+fn workloads(cprof: &str, scratch: &Path) -> Vec<Workload> {
     let cp = |name: &str, args: &[&str]| {
-        let mut argv = vec![cprof.clone(), "record".into()];
+        let mut argv = vec![cprof.to_owned(), "record".into()];
         argv.extend(args.iter().map(|s| (*s).to_owned()));
         argv.extend(["--output".into(), scratch.join(name).display().to_string()]);
         Config {
@@ -147,29 +174,7 @@ pub fn run(root: &Path, cprof: &Path, runs: usize) -> anyhow::Result<()> {
         ));
     }
 
-    let mut results: Vec<(&Workload, Vec<Measured>)> = Vec::new();
-    for workload in &workloads {
-        let mut measured = vec![Measured::default(); workload.configs.len()];
-        for run in 0..runs {
-            for (config, m) in workload.configs.iter().zip(measured.iter_mut()) {
-                eprintln!(
-                    "bench: {} | {} | run {}/{runs}",
-                    workload.name,
-                    config.name,
-                    run + 1
-                );
-                measure(&bench, &workload.args, config, m)
-                    .with_context(|| format!("{} under {}", workload.name, config.name))?;
-            }
-        }
-        results.push((workload, measured));
-    }
-    let (markdown, json) = report(root, &results, runs)?;
-    std::fs::write(out_dir.join("report.md"), &markdown)?;
-    std::fs::write(out_dir.join("report.json"), json)?;
-    println!("{markdown}");
-    println!("bench: wrote {}", out_dir.join("report.md").display());
-    Ok(())
+    workloads
 }
 
 fn measure(bench: &Path, args: &[String], config: &Config, m: &mut Measured) -> anyhow::Result<()> {
@@ -191,17 +196,17 @@ fn measure(bench: &Path, args: &[String], config: &Config, m: &mut Measured) -> 
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("workload output {stdout:?}"))?;
     m.elapsed_ns.push(elapsed);
-    if let Some(p) = profiler.as_mut() {
-        if config.is_cprof {
-            for (name, (time, count)) in prog_stats()? {
-                let e = m.prog_stats.entry(name).or_default();
-                e.0 += time;
-                e.1 += count;
-            }
-            let (cpu, rss) = process_usage(p.id())?;
-            m.agent_cpu_s.push(cpu);
-            m.agent_rss_kib.push(rss);
+    if let Some(p) = profiler.as_mut()
+        && config.is_cprof
+    {
+        for (name, (time, count)) in prog_stats()? {
+            let e = m.prog_stats.entry(name).or_default();
+            e.0 += time;
+            e.1 += count;
         }
+        let (cpu, rss) = process_usage(p.id())?;
+        m.agent_cpu_s.push(cpu);
+        m.agent_rss_kib.push(rss);
     }
     if let Some(p) = profiler {
         stop(p)?;
@@ -222,14 +227,14 @@ fn start_profiler(program: &str, args: &[String], ready: Option<&str>) -> anyhow
             // Drain the output so that a chatty peer never blocks on a full pipe.
             watch(child.stdout.take(), None);
             watch(child.stderr.take(), None);
-            std::thread::sleep(Duration::from_millis(2000));
+            std::thread::sleep(Duration::from_secs(2));
         }
         Some(marker) => {
             // cprof says it on stderr, bpftrace ("Attaching N probes") on stdout.
             let (tx, rx) = std::sync::mpsc::channel();
             watch(child.stdout.take(), Some((marker, tx.clone())));
             watch(child.stderr.take(), Some((marker, tx)));
-            if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            if rx.recv_timeout(Duration::from_mins(1)).is_err() {
                 let _ = child.kill();
                 bail!("{program} did not report being attached within 60 s");
             }
@@ -267,7 +272,7 @@ fn stop(mut child: Child) -> anyhow::Result<()> {
     unsafe { kill(child.id() as i32, 2) };
     let start = Instant::now();
     while child.try_wait()?.is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
+        if start.elapsed() > Duration::from_mins(1) {
             let _ = child.kill();
             bail!("a profiler did not stop within 60 s of SIGINT");
         }
@@ -285,8 +290,7 @@ fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(") ")
-        .map(|(_, r)| r)
-        .unwrap_or("")
+        .map_or("", |(_, r)| r)
         .split(' ')
         .collect();
     // utime and stime are fields 14 and 15 of stat; after "comm) " they are at 11 and 12.
@@ -360,15 +364,11 @@ fn median(v: &[f64]) -> f64 {
     if v.len() % 2 == 1 {
         v[mid]
     } else {
-        (v[mid - 1] + v[mid]) / 2.0
+        f64::midpoint(v[mid - 1], v[mid])
     }
 }
 
-fn report(
-    root: &Path,
-    results: &[(&Workload, Vec<Measured>)],
-    runs: usize,
-) -> anyhow::Result<(String, String)> {
+fn report(root: &Path, results: &[(&Workload, Vec<Measured>)], runs: usize) -> (String, String) {
     let sh = |cmd: &[&str]| -> String {
         Command::new(cmd[0])
             .args(&cmd[1..])
@@ -456,5 +456,5 @@ fn report(
         "{{\"cpus\":{cpus},\"cpu_model\":{cpu_model:?},\"kernel\":{kernel:?},\"commit\":{commit:?},\"runs\":{runs},\"results\":[{}]}}\n",
         json_rows.join(",")
     );
-    Ok((md, json))
+    (md, json)
 }
