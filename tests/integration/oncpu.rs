@@ -23,17 +23,7 @@ fn attributes_a_known_call_tree_70_30() {
     let w = Workload::start("calltree", &["10"]);
     let pid = w.pid();
     let dir = util::out_dir("calltree");
-    let out = util::record(
-        &[
-            "--pid",
-            &pid.to_string(),
-            "--duration",
-            "4",
-            "--frequency",
-            "999",
-        ],
-        &dir,
-    );
+    let out = util::record_pid(pid, "4", "999", &dir);
     let p = util::read_profile(&dir);
 
     // Sample types, period, time.
@@ -208,17 +198,7 @@ fn kernel_frames_for_a_workload_in_the_kernel() {
     util::require_root();
     let w = Workload::start("calltree", &["--kernel", "10"]);
     let dir = util::out_dir("kernel");
-    util::record(
-        &[
-            "--pid",
-            &w.pid().to_string(),
-            "--duration",
-            "2",
-            "-F",
-            "499",
-        ],
-        &dir,
-    );
+    util::record_pid(w.pid(), "2", "499", &dir);
     let p = util::read_profile(&dir);
     let total = util::samples_where(&p, |_| true);
     let in_read = util::samples_where(&p, |s| util::on_stack(&p, s, "vfs_read"));
@@ -268,17 +248,7 @@ fn recording_ends_when_every_target_exits() {
     let w = Workload::start("calltree", &["1.5"]);
     let dir = util::out_dir("exit");
     let start = std::time::Instant::now();
-    let out = util::record(
-        &[
-            "--pid",
-            &w.pid().to_string(),
-            "--duration",
-            "60",
-            "-F",
-            "499",
-        ],
-        &dir,
-    );
+    let out = util::record_pid(w.pid(), "60", "499", &dir);
     let took = start.elapsed();
     assert!(
         took < Duration::from_secs(10),
@@ -450,17 +420,7 @@ fn names_are_demangled() {
     util::require_root();
     let w = Workload::start("demangle", &["10"]);
     let dir = util::out_dir("demangle-cpp");
-    util::record(
-        &[
-            "--pid",
-            &w.pid().to_string(),
-            "--duration",
-            "2",
-            "-F",
-            "499",
-        ],
-        &dir,
-    );
+    util::record_pid(w.pid(), "2", "499", &dir);
     let p = util::read_profile(&dir);
     let names: Vec<_> = p.function.iter().map(|f| p.str(f.name)).collect();
     for expected in [
@@ -484,17 +444,7 @@ fn names_are_demangled() {
         std::thread::spawn(move || rust_spin_for_cprof(&stop))
     };
     let dir = util::out_dir("demangle-rust");
-    util::record(
-        &[
-            "--pid",
-            &std::process::id().to_string(),
-            "--duration",
-            "2",
-            "-F",
-            "499",
-        ],
-        &dir,
-    );
+    util::record_pid(std::process::id(), "2", "499", &dir);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let spun = spinner.join().unwrap();
     assert!(spun > 0);

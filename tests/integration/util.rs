@@ -109,6 +109,14 @@ pub fn record(args: &[&str], dir: &Path) -> Output {
     out
 }
 
+/// Runs `cprof record --pid <pid> --duration <duration> -F <hz> --output <dir>` to completion.
+pub fn record_pid(pid: u32, duration: &str, hz: &str, dir: &Path) -> Output {
+    record(
+        &["--pid", &pid.to_string(), "--duration", duration, "-F", hz],
+        dir,
+    )
+}
+
 /// Decodes `dir/cpu.pb.gz`.
 pub fn read_profile(dir: &Path) -> Profile {
     let path = dir.join("cpu.pb.gz");

@@ -369,6 +369,25 @@ impl Probes {
     }
 }
 
+/// Loads and attaches BTF tracepoint programs: `(program, tracepoint)` pairs.
+pub(crate) fn attach_btf_tracepoints(
+    ebpf: &mut Ebpf,
+    programs: &[(&'static str, &str)],
+) -> Result<(), BpfError> {
+    let btf = aya::Btf::from_sys_fs()?;
+    for &(name, tracepoint) in programs {
+        let program_err = |source| BpfError::Program { name, source };
+        let program: &mut aya::programs::BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::MissingProgram(name))?
+            .try_into()
+            .map_err(program_err)?;
+        program.load(tracepoint, &btf).map_err(program_err)?;
+        program.attach().map_err(program_err)?;
+    }
+    Ok(())
+}
+
 fn program_unload(program: &mut aya::programs::Program) -> Result<(), ProgramError> {
     use aya::programs::Program;
     match program {

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, StackTraceMap};
-use aya::programs::BtfTracePoint;
 use profiler_common::{NO_STACK, OffCpuKey, OffCpuStart, OffCpuValue, maps as m};
 
 use super::{BpfError, comm_string, take_map};
@@ -56,17 +55,7 @@ impl OffCpu {
             starts: take_map(ebpf, m::OFFCPU_START)?,
             stack_cache: HashMap::new(),
         };
-        let btf = aya::Btf::from_sys_fs()?;
-        for (name, tracepoint) in PROGRAMS {
-            let program_err = |source| BpfError::Program { name, source };
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::MissingProgram(name))?
-                .try_into()
-                .map_err(program_err)?;
-            program.load(tracepoint, &btf).map_err(program_err)?;
-            program.attach().map_err(program_err)?;
-        }
+        super::attach_btf_tracepoints(ebpf, &PROGRAMS)?;
         Ok(off_cpu)
     }
 

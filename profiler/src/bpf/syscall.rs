@@ -3,7 +3,6 @@
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
-use aya::programs::BtfTracePoint;
 use profiler_common::{
     ErrnoKey, OffCpuValue, SlowKey, SyscallKey, SyscallStats, histogram, maps as m,
 };
@@ -70,17 +69,7 @@ impl Syscalls {
             errnos: [take_map(ebpf, m::ERRNOS_A)?, take_map(ebpf, m::ERRNOS_B)?],
             slow: [take_map(ebpf, m::SLOW_A)?, take_map(ebpf, m::SLOW_B)?],
         };
-        let btf = aya::Btf::from_sys_fs()?;
-        for (name, tracepoint) in PROGRAMS {
-            let program_err = |source| BpfError::Program { name, source };
-            let program: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::MissingProgram(name))?
-                .try_into()
-                .map_err(program_err)?;
-            program.load(tracepoint, &btf).map_err(program_err)?;
-            program.attach().map_err(program_err)?;
-        }
+        super::attach_btf_tracepoints(ebpf, &PROGRAMS)?;
         Ok(syscalls)
     }
 
