@@ -62,6 +62,19 @@ pub mod maps {
     /// A zeroed [`super::SyscallStats`], the template for new entries (too large for the stack).
     pub const SYSCALL_ZERO: &str = "SYSCALL_ZERO";
 
+    /// TCP events for userspace (ring buffer of [`super::TcpEvent`]).
+    pub const TCP_EVENTS: &str = "TCP_EVENTS";
+    /// Sockets opened by recorded processes: `u64` sock address -> [`super::TcpSock`].
+    pub const TCP_SOCKS: &str = "TCP_SOCKS";
+    /// Listening sockets' owners: `u32` (family << 16 | port) -> [`super::TcpSock`].
+    pub const TCP_LISTENERS: &str = "TCP_LISTENERS";
+    /// Stacks of the code that opened connections (ids stable, not cleared).
+    pub const TCP_STACKS: &str = "TCP_STACKS";
+    /// Default ring buffer size in bytes.
+    pub const TCP_EVENTS_BYTES: u32 = 4 << 20;
+    /// Default number of tracked sockets.
+    pub const TCP_SOCKS_MAX_ENTRIES: u32 = 65_536;
+
     /// Default number of (pid, syscall) histograms per buffer.
     pub const SYSCALLS_MAX_ENTRIES: u32 = 4_096;
     /// Default number of (pid, syscall, errno) counters per buffer.
@@ -97,6 +110,8 @@ pub mod globals {
     pub const OFFCPU_MIN_NS: &str = "OFFCPU_MIN_NS";
     /// `u64`: syscalls at least this slow have their stacks recorded.
     pub const SYSCALL_SLOW_NS: &str = "SYSCALL_SLOW_NS";
+    /// [`super::TcpOffsets`]: where socket fields are, read from the kernel's BTF.
+    pub const TCP_OFFSETS: &str = "TCP_OFFSETS";
 }
 
 /// Indices into the per-CPU `STATS` array. Every way a sample can end is counted, so that
@@ -158,8 +173,14 @@ pub mod stat {
     pub const SYSCALL_SLOW: u32 = 25;
     /// Slow syscalls lost: slow-stack map full or stack not captured.
     pub const SYSCALL_SLOW_DROPPED: u32 = 26;
+    /// TCP events sent to userspace.
+    pub const TCP_EVENTS_SENT: u32 = 27;
+    /// TCP events lost: the ring buffer was full.
+    pub const TCP_EVENTS_LOST: u32 = 28;
+    /// Sockets not tracked: the socket map was full.
+    pub const TCP_SOCKS_FULL: u32 = 29;
     /// Number of counters.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 30;
 }
 
 /// Key of the in-kernel on-CPU aggregate: one entry per distinct thread and pair of stacks.
@@ -465,3 +486,95 @@ mod tests {
         );
     }
 }
+
+/// Byte offsets of the socket fields the TCP programs read, from `struct sock_common` (at the
+/// start of `struct sock`) and `struct tcp_sock` (which starts with a `struct sock`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpOffsets {
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    pub dport: u32,
+    pub num: u32,
+    pub family: u32,
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub pad: u32,
+}
+
+/// TCP event kinds.
+pub mod tcp_event {
+    pub const CONNECT: u32 = 1;
+    pub const CONNECT_FAILED: u32 = 2;
+    pub const ACCEPT: u32 = 3;
+    pub const CLOSE: u32 = 4;
+    pub const RETRANSMIT: u32 = 5;
+    pub const RESET_SENT: u32 = 6;
+    pub const RESET_RECEIVED: u32 = 7;
+}
+
+/// Who owns a socket, recorded where the process context is known (connect, listen).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSock {
+    /// When the connect started (active) or the connection was established (passive).
+    pub start_ns: u64,
+    /// When the connection was established, 0 before.
+    pub established_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub user_stack_id: i32,
+    /// 1: active open (connect), 2: passive open (accept), 3: listener.
+    pub kind: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    /// The connection's addresses, kept from when it was established: the kernel clears the
+    /// local port of a socket that is closing.
+    pub family: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub pad: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+const _: () = assert!(size_of::<TcpSock>() == 96);
+
+/// One TCP event, as the ring buffer carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpEvent {
+    pub time_ns: u64,
+    pub latency_ns: u64,
+    pub lifetime_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// A [`tcp_event`] value.
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub user_stack_id: i32,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u32,
+    pub sport: u32,
+    pub dport: u32,
+    /// The TCP state before this event (for closes: how the connection ended).
+    pub old_state: u32,
+    /// 1: the connection was opened by connect(), 2: accepted.
+    pub direction: u32,
+    pub pad: u32,
+    /// IPv4 in the first 4 bytes, network order.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+const _: () = assert!(size_of::<TcpEvent>() == 128);
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no implicit padding, every bit pattern valid.
+unsafe impl aya::Pod for TcpOffsets {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for TcpSock {}

@@ -7,6 +7,8 @@
 //!   switched out, by stack, state and waker.
 //! - [`syscall`]: `on_sys_enter` and `on_sys_exit` (BTF tracepoints): latency histograms per
 //!   process and syscall, errno counts, bytes, and the stacks of slow syscalls.
+//! - [`tcp`]: TCP state changes, retransmits and resets (BTF tracepoints), as events through a
+//!   ring buffer, attributed to the process and stack that opened the connection.
 //!
 //! Needs: Linux 5.8+ (CAP_BPF, CAP_PERFMON), BTF for the tracepoints; frame pointers in the
 //! profiled code for complete user stacks.
@@ -21,6 +23,7 @@
 mod offcpu;
 mod oncpu;
 mod syscall;
+mod tcp;
 
 use aya_ebpf::{
     Global,

@@ -46,7 +46,7 @@ pub struct RecordArgs {
     #[arg(long, short = 'd', value_name = "DURATION")]
     pub duration: Option<String>,
 
-    /// What to record, a comma list of: cpu, offcpu, syscall, all.
+    /// What to record, a comma list of: cpu, offcpu, syscall, tcp, all.
     #[arg(
         long = "event",
         short = 'e',

@@ -21,10 +21,8 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
-    #[error("--event {0:?}: unknown event (use a comma list of cpu, offcpu, syscall, all)")]
+    #[error("--event {0:?}: unknown event (use a comma list of cpu, offcpu, syscall, tcp, all)")]
     UnknownEvent(String),
-    #[error("--event {0}: not available yet in this cprof (available: cpu, offcpu, syscall)")]
-    EventNotYet(String),
     #[error("--{flag} {value}: must be between {min} and {max}")]
     MapSize {
         flag: &'static str,
@@ -128,12 +126,13 @@ pub fn parse_events(list: &str) -> Result<crate::bpf::Events, ConfigError> {
             "cpu" => events.cpu = true,
             "offcpu" => events.offcpu = true,
             "syscall" => events.syscall = true,
+            "tcp" => events.tcp = true,
             "all" => {
                 events.cpu = true;
                 events.offcpu = true;
                 events.syscall = true;
+                events.tcp = true;
             }
-            "tcp" => return Err(ConfigError::EventNotYet(name.into())),
             _ => return Err(ConfigError::UnknownEvent(name.into())),
         }
     }
@@ -238,15 +237,10 @@ mod tests {
         assert_eq!(e("cpu,offcpu").unwrap(), (true, true, false));
         assert_eq!(e("syscall").unwrap(), (false, false, true));
         assert_eq!(e("all").unwrap(), (true, true, true));
+        assert!(parse_events("tcp").unwrap().tcp && parse_events("all").unwrap().tcp);
         assert_eq!(
             parse_events("cpu,disk").unwrap_err().to_string(),
-            "--event \"disk\": unknown event (use a comma list of cpu, offcpu, syscall, all)"
-        );
-        assert!(
-            parse_events("tcp")
-                .unwrap_err()
-                .to_string()
-                .contains("not available yet")
+            "--event \"disk\": unknown event (use a comma list of cpu, offcpu, syscall, tcp, all)"
         );
         let c = parse(&[]).unwrap();
         assert_eq!(

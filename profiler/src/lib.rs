@@ -5,7 +5,7 @@
 //! - [`procfs`]: memory maps and names of target processes.
 //! - [`symbolize`]: one blazesym symbolizer on its own thread.
 //! - [`symbols`]: the process table and symbol caches of a recording; stacks to pprof locations.
-//! - [`oncpu`], [`offcpu`], [`syscalls`]: merge drained aggregates and build their output files.
+//! - [`oncpu`], [`offcpu`], [`syscalls`], [`tcp`]: merge drained data and build their output files.
 //! - [`syscall_names`], [`tables`]: syscall and errno names from the kernel's tables.
 //! - [`pprof`]: the pprof message types and a builder.
 //! - [`top`]: rankings for the summary.
@@ -15,6 +15,7 @@
 
 pub mod bpf;
 pub mod btf;
+pub mod civil;
 pub mod cli;
 pub mod config;
 pub mod offcpu;
@@ -28,6 +29,7 @@ pub mod symbolize;
 pub mod symbols;
 pub mod syscall_names;
 pub mod syscalls;
+pub mod tcp;
 #[rustfmt::skip]
 pub mod tables;
 pub mod top;

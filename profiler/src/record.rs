@@ -18,6 +18,7 @@ use crate::symbolize::SymbolizerThread;
 use crate::symbols::{Stack, Symbols};
 use crate::syscall_names::{BYTE_SYSCALLS, syscall_number};
 use crate::syscalls::{SyscallProfile, SyscallRow};
+use crate::tcp::{RemoteStats, TcpProfile};
 use crate::top::{TopFunction, TopStack, top_functions, top_stacks};
 use crate::{output, privilege, procfs};
 
@@ -32,6 +33,13 @@ pub struct RecordReport {
     pub cpu: Option<CpuSummary>,
     pub offcpu: Option<OffCpuSummary>,
     pub syscall: Option<SyscallSummary>,
+    pub tcp: Option<TcpSummary>,
+}
+
+#[derive(Debug)]
+pub struct TcpSummary {
+    pub events: usize,
+    pub remotes: Vec<(String, RemoteStats)>,
 }
 
 #[derive(Debug)]
@@ -56,6 +64,9 @@ pub struct OffCpuSummary {
     pub top: Vec<TopStack>,
 }
 
+/// How often the TCP ring buffer is emptied.
+const TCP_RING_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Time left for in-flight BPF programs to finish with a buffer after a flip.
 const FLIP_GRACE: Duration = Duration::from_millis(5);
 
@@ -66,6 +77,9 @@ struct Recording {
     oncpu: OnCpuProfile,
     offcpu: OffCpuProfile,
     syscalls: SyscallProfile,
+    tcp: TcpProfile,
+    /// TCP events read from the ring between drains, symbolized at the next drain.
+    pending_tcp: Vec<crate::bpf::RawTcpEvent>,
 }
 
 impl Recording {
@@ -73,7 +87,10 @@ impl Recording {
     async fn drain(&mut self) -> anyhow::Result<()> {
         self.probes.flip()?;
         tokio::time::sleep(FLIP_GRACE).await;
-        let d = self.probes.drain()?;
+        let mut d = self.probes.drain()?;
+        let mut tcp = std::mem::take(&mut self.pending_tcp);
+        tcp.append(&mut d.tcp);
+        d.tcp = tcp;
         for s in &d.syscalls {
             self.symbols.remember_process(s.pid);
         }
@@ -100,15 +117,24 @@ impl Recording {
             user: s.user.as_deref(),
             kernel: None,
         });
+        let tcp_stacks = d.tcp.iter().map(|e| Stack {
+            pid: e.event.pid,
+            user: e.user.as_deref(),
+            kernel: None,
+        });
         self.symbols
             .resolve(
-                sample_stacks.chain(wait_stacks).chain(slow_stacks),
+                sample_stacks
+                    .chain(wait_stacks)
+                    .chain(slow_stacks)
+                    .chain(tcp_stacks),
                 &self.symbolizer,
             )
             .await;
         self.oncpu.add(d.samples);
         self.offcpu.add(d.waits);
         self.syscalls.add(d.syscalls, &d.errnos, d.slow);
+        self.tcp.add(d.tcp);
         Ok(())
     }
 }
@@ -164,6 +190,8 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
         oncpu: OnCpuProfile::default(),
         offcpu: OffCpuProfile::default(),
         syscalls: SyscallProfile::default(),
+        tcp: TcpProfile::new(),
+        pending_tcp: Vec::new(),
     };
 
     let started_wall = SystemTime::now();
@@ -179,6 +207,10 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     let mut drain_tick = tokio::time::interval(config.drain_interval);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     drain_tick.tick().await;
+    // The TCP ring is emptied more often than the aggregates: a burst of connects can fill it
+    // within a second.
+    let mut ring_tick = tokio::time::interval(TCP_RING_INTERVAL);
+    ring_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let stop_reason = loop {
         let until_deadline = async {
@@ -191,6 +223,10 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
             () = until_deadline => break "duration reached",
             _ = sigint.recv() => break "interrupted (SIGINT)",
             _ = sigterm.recv() => break "terminated (SIGTERM)",
+            _ = ring_tick.tick(), if config.events.tcp => {
+                let events = rec.probes.drain_tcp();
+                rec.pending_tcp.extend(events);
+            }
             _ = drain_tick.tick() => {
                 rec.drain().await?;
                 if let Some(pids) = &config.pids
@@ -311,6 +347,12 @@ fn write_profiles(
     } else {
         None
     };
+    let tcp = if config.events.tcp {
+        let profile = time(rec.tcp.to_pprof(&rec.symbols, &comments));
+        Some(write_tcp(config, rec, &stats, &profile, &mut files)?)
+    } else {
+        None
+    };
     Ok(RecordReport {
         files,
         stats,
@@ -320,6 +362,7 @@ fn write_profiles(
         cpu,
         offcpu,
         syscall,
+        tcp,
     })
 }
 
@@ -333,6 +376,9 @@ fn describe(config: &RecordConfig) -> String {
     }
     if config.events.syscall {
         whats.push("syscall latency");
+    }
+    if config.events.tcp {
+        whats.push("TCP events");
     }
     let what = whats.join(", ");
     let whom = config.pids.as_ref().map_or_else(
@@ -415,6 +461,14 @@ fn comments(
             stats.get(stat::SYSCALL_SLOW_DROPPED),
         ));
     }
+    if config.events.tcp {
+        lines.push(format!(
+            "TCP events: sent {}, lost {} (ring buffer full); sockets not tracked {} (map full)",
+            stats.get(stat::TCP_EVENTS_SENT),
+            stats.get(stat::TCP_EVENTS_LOST),
+            stats.get(stat::TCP_SOCKS_FULL),
+        ));
+    }
     lines.push(format!("unsymbolized addresses: {unsymbolized}"));
     lines
 }
@@ -452,6 +506,9 @@ pub fn summary(report: &RecordReport) -> String {
     }
     if let Some(sys) = &report.syscall {
         syscall_summary(&mut out, sys, &report.stats);
+    }
+    if let Some(tcp) = &report.tcp {
+        tcp_summary(&mut out, tcp, &report.stats);
     }
     let _ = writeln!(out, "\nUnsymbolized addresses: {}", report.unsymbolized);
     for file in &report.files {
@@ -533,6 +590,40 @@ fn offcpu_summary(out: &mut String, off: &OffCpuSummary, s: &ProbeStats) {
     }
 }
 
+fn tcp_summary(out: &mut String, tcp: &TcpSummary, s: &ProbeStats) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "\nTCP: {} events. Lost: {} (ring buffer full); sockets not tracked: {}",
+        tcp.events,
+        s.get(stat::TCP_EVENTS_LOST),
+        s.get(stat::TCP_SOCKS_FULL),
+    );
+    if tcp.remotes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:<40} {:>8} {:>7} {:>10} {:>10} {:>8} {:>7} {:>12} {:>12}",
+        "remote", "connects", "failed", "p50", "p99", "retrans", "resets", "sent", "received"
+    );
+    for (remote, r) in &tcp.remotes {
+        let _ = writeln!(
+            out,
+            "{:<40} {:>8} {:>7} {:>8.1}us {:>8.1}us {:>8} {:>7} {:>12} {:>12}",
+            remote,
+            r.connects,
+            r.failed,
+            r.latency(0.5) as f64 / 1e3,
+            r.latency(0.99) as f64 / 1e3,
+            r.retransmits,
+            r.resets,
+            r.bytes_sent,
+            r.bytes_received
+        );
+    }
+}
+
 fn syscall_summary(out: &mut String, sys: &SyscallSummary, s: &ProbeStats) {
     use std::fmt::Write as _;
     let _ = writeln!(
@@ -611,6 +702,36 @@ fn write_syscalls(
     Ok(SyscallSummary {
         rows: rows.into_iter().take(config.top).collect(),
         histograms,
+    })
+}
+
+/// Writes `tcp-events.jsonl`, `tcp-latency.json` and `tcp.pb.gz` (`profile`).
+fn write_tcp(
+    config: &RecordConfig,
+    rec: &Recording,
+    stats: &ProbeStats,
+    profile: &Profile,
+    files: &mut Vec<PathBuf>,
+) -> anyhow::Result<TcpSummary> {
+    let dropped = serde_json::json!({
+        "ring_buffer_full": stats.get(stat::TCP_EVENTS_LOST),
+        "socket_map_full": stats.get(stat::TCP_SOCKS_FULL),
+    });
+    for (name, bytes) in [
+        ("tcp-events.jsonl", rec.tcp.to_jsonl().into_bytes()),
+        (
+            "tcp-latency.json",
+            rec.tcp.to_latency_json(&dropped).into_bytes(),
+        ),
+        ("tcp.pb.gz", pprof::encode_gzip(profile)),
+    ] {
+        let path = config.output_dir.join(name);
+        output::write_atomic(&path, &bytes)?;
+        files.push(path);
+    }
+    Ok(TcpSummary {
+        events: rec.tcp.len(),
+        remotes: rec.tcp.by_remote().into_iter().take(config.top).collect(),
     })
 }
 

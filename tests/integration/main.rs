@@ -9,4 +9,5 @@ mod bad_input;
 mod offcpu;
 mod oncpu;
 mod syscall;
+mod tcp;
 mod util;

@@ -10,6 +10,7 @@
 mod offcpu;
 mod oncpu;
 mod syscall;
+mod tcp;
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, StackTraceMap};
 use aya::programs::ProgramError;
@@ -19,6 +20,7 @@ use profiler_common::{globals, maps as m, stat};
 pub use offcpu::{RawWait, Waker};
 pub use oncpu::RawSample;
 pub use syscall::{RawErrno, RawSlow, RawSyscall};
+pub use tcp::RawTcpEvent;
 
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -70,6 +72,7 @@ pub struct Events {
     pub cpu: bool,
     pub offcpu: bool,
     pub syscall: bool,
+    pub tcp: bool,
 }
 
 /// How to set up the probes.
@@ -121,6 +124,7 @@ pub struct Drained {
     pub syscalls: Vec<RawSyscall>,
     pub errnos: Vec<RawErrno>,
     pub slow: Vec<RawSlow>,
+    pub tcp: Vec<RawTcpEvent>,
 }
 
 /// Reads stack ids of one stack map, each once.
@@ -190,6 +194,7 @@ pub struct Probes {
     oncpu: Option<oncpu::OnCpu>,
     offcpu: Option<offcpu::OffCpu>,
     syscalls: Option<syscall::Syscalls>,
+    tcp: Option<tcp::Tcp>,
 }
 
 impl Probes {
@@ -199,23 +204,33 @@ impl Probes {
             return Err(BpfError::NotBuilt);
         }
         let filter = u32::from(options.pids.is_some());
-        let task_pid_offset = if options.events.offcpu {
-            crate::btf::Btf::kernel()?.field_offset("task_struct", "pid")?
+        let btf = if options.events.offcpu || options.events.tcp {
+            Some(crate::btf::Btf::kernel()?)
         } else {
-            0
+            None
+        };
+        let task_pid_offset = match (&btf, options.events.offcpu) {
+            (Some(btf), true) => btf.field_offset("task_struct", "pid")?,
+            _ => 0,
+        };
+        let tcp_offsets = match (&btf, options.events.tcp) {
+            (Some(btf), true) => tcp::offsets(btf)?,
+            _ => profiler_common::TcpOffsets::default(),
         };
         let mut loader = EbpfLoader::new();
         loader
             .override_global(globals::FILTER_PIDS, &filter, true)
             .override_global(globals::TASK_PID_OFFSET, &task_pid_offset, true)
             .override_global(globals::OFFCPU_MIN_NS, &options.offcpu_min_ns, true)
-            .override_global(globals::SYSCALL_SLOW_NS, &options.syscall_slow_ns, true);
+            .override_global(globals::SYSCALL_SLOW_NS, &options.syscall_slow_ns, true)
+            .override_global(globals::TCP_OFFSETS, &tcp_offsets, true);
         // Maps of events not recorded shrink to one entry: they are created all the same.
         let size = |on: bool, n: u32| if on { n } else { 1 };
         let Events {
             cpu,
             offcpu: off,
             syscall: sys,
+            tcp: net,
         } = options.events;
         for (name, n) in [
             (m::COUNTS_A, size(cpu, options.counts_max_entries)),
@@ -229,6 +244,8 @@ impl Probes {
             (m::SLOW_A, size(sys, m::SLOW_MAX_ENTRIES)),
             (m::SLOW_B, size(sys, m::SLOW_MAX_ENTRIES)),
             (m::SYSCALL_START, size(sys, m::SYSCALL_START_MAX_ENTRIES)),
+            (m::TCP_SOCKS, size(net, m::TCP_SOCKS_MAX_ENTRIES)),
+            (m::TCP_STACKS, size(net, 4_096)),
             (m::OFFCPU_A, size(off, m::OFFCPU_MAX_ENTRIES)),
             (m::OFFCPU_B, size(off, m::OFFCPU_MAX_ENTRIES)),
             (m::OFFCPU_STACKS, size(off, m::OFFCPU_STACKS_MAX_ENTRIES)),
@@ -272,6 +289,11 @@ impl Probes {
         } else {
             None
         };
+        let tcp = if net {
+            Some(tcp::Tcp::attach(&mut ebpf)?)
+        } else {
+            None
+        };
         Ok(Self {
             ebpf,
             active_buffer,
@@ -281,6 +303,7 @@ impl Probes {
             oncpu,
             offcpu,
             syscalls,
+            tcp,
         })
     }
 
@@ -315,6 +338,9 @@ impl Probes {
         if let Some(offcpu) = &mut self.offcpu {
             drained.waits = offcpu.drain(idle)?;
         }
+        if let Some(tcp) = &mut self.tcp {
+            drained.tcp = tcp.drain();
+        }
         let ids: Vec<u32> = self.stacks[idle]
             .stack_ids()
             .filter_map(Result::ok)
@@ -323,6 +349,11 @@ impl Probes {
             let _ = self.stacks[idle].remove(&id);
         }
         Ok(drained)
+    }
+
+    /// Empties the TCP ring buffer only (cheap; call it often enough that the ring never fills).
+    pub fn drain_tcp(&mut self) -> Vec<RawTcpEvent> {
+        self.tcp.as_mut().map_or_else(Vec::new, tcp::Tcp::drain)
     }
 
     /// Threads switched out and not back yet (off-CPU).
