@@ -561,7 +561,7 @@ pub struct TcpEvent {
     pub dport: u32,
     /// The TCP state before this event (for closes: how the connection ended).
     pub old_state: u32,
-    /// 1: the connection was opened by connect(), 2: accepted.
+    /// 1: the connection was opened by `connect()`, 2: accepted.
     pub direction: u32,
     pub pad: u32,
     /// IPv4 in the first 4 bytes, network order.

@@ -278,8 +278,7 @@ impl TcpProfile {
             b.add_comment(comment);
         }
         let mut w = StackWriter::new(b, symbols);
-        type Key<'a> = (u32, &'a str, Option<&'a [u64]>, SocketAddr);
-        let mut sums: BTreeMap<Key<'_>, [i64; 3]> = BTreeMap::new();
+        let mut sums: BTreeMap<OpenerKey<'_>, [i64; 3]> = BTreeMap::new();
         for e in &self.events {
             let ev = &e.event;
             let v = match ev.kind {
@@ -317,6 +316,9 @@ impl TcpProfile {
         w.builder.finish()
     }
 }
+
+/// Who opened connections to where: pid, comm, user stack, remote endpoint.
+type OpenerKey<'a> = (u32, &'a str, Option<&'a [u64]>, SocketAddr);
 
 /// Unix nanoseconds as `2026-11-23T10:15:00.123456789Z`.
 fn rfc3339(unix_ns: i128) -> String {

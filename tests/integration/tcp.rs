@@ -20,6 +20,10 @@ fn of_type<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_jso
 
 /// N connects to a listener and M to a closed port, on loopback.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one recording, every property of its output"
+)]
 fn loopback_connects_closes_and_refusals() {
     util::require_root();
     let (n, bytes, m) = (20u64, 10_000u64, 5u64);
@@ -177,4 +181,171 @@ fn connect_bursts_lose_nothing_silently() {
             "{seen} seen + {lost} lost < {connects}"
         );
     }
+}
+
+/// Two network namespaces joined by a veth pair, made and removed by the test.
+struct TestNet {
+    name: String,
+}
+
+impl TestNet {
+    const CLIENT_ADDR: &'static str = "10.254.7.1";
+    const SERVER_ADDR: &'static str = "10.254.7.2";
+
+    fn new() -> Self {
+        let name = format!("cprof{}", std::process::id());
+        let net = Self { name };
+        let (a, b) = (net.ns("a"), net.ns("b"));
+        let (va, vb) = (format!("{}va", net.name), format!("{}vb", net.name));
+        for args in [
+            vec!["netns", "add", &a],
+            vec!["netns", "add", &b],
+            vec!["link", "add", &va, "type", "veth", "peer", "name", &vb],
+            vec!["link", "set", &va, "netns", &a],
+            vec!["link", "set", &vb, "netns", &b],
+            vec!["-n", &a, "addr", "add", "10.254.7.1/30", "dev", &va],
+            vec!["-n", &b, "addr", "add", "10.254.7.2/30", "dev", &vb],
+            vec!["-n", &a, "link", "set", &va, "up"],
+            vec!["-n", &b, "link", "set", &vb, "up"],
+            vec!["-n", &a, "link", "set", "lo", "up"],
+            vec!["-n", &b, "link", "set", "lo", "up"],
+        ] {
+            run("ip", &args);
+        }
+        net
+    }
+
+    fn ns(&self, side: &str) -> String {
+        format!("{}{side}", self.name)
+    }
+
+    /// A command run inside namespace `side`.
+    fn exec(&self, side: &str, program: &std::path::Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(side)]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        for side in ["a", "b"] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(side)])
+                .status();
+        }
+    }
+}
+
+use std::process::Command;
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("running {program} (install iproute2 and nftables): {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
+/// A server that drops a quarter of the data packets it receives (nftables; this kernel has no
+/// netem): the client retransmits, and cprof attributes the retransmits to it.
+#[test]
+fn retransmits_are_attributed_to_the_sender() {
+    util::require_root();
+    let net = TestNet::new();
+    let ns_b = net.ns("b");
+    run(
+        "ip",
+        &[
+            "netns", "exec", &ns_b, "nft", "add", "table", "inet", "cprof",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns_b,
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "cprof",
+            "input",
+            "{ type filter hook input priority 0; }",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns_b,
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "cprof",
+            "input",
+            "tcp",
+            "dport",
+            "9000",
+            "tcp flags & syn == 0",
+            "numgen",
+            "random",
+            "mod",
+            "4",
+            "==",
+            "0",
+            "drop",
+        ],
+    );
+    let binary = util::workload_binary("tcp");
+    let mut server = net.exec("b", &binary);
+    server
+        .args(["server", TestNet::SERVER_ADDR, "9000"])
+        .stdout(std::process::Stdio::piped());
+    let server = server.spawn().expect("starting the server");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = net.exec("a", &binary);
+    client.args(["client", TestNet::SERVER_ADDR, "9000", "200000"]);
+    let mut w = PausedWorkload::start_command(client);
+    let pid = w.pid();
+    let dir = util::out_dir("tcp-retransmit");
+    let rec = Recording::start(&["--pid", &pid.to_string(), "--event", "tcp"], &dir);
+    w.go();
+    assert_eq!(util::measured(&w.finish(), "sent"), 200_000);
+    let received = server.wait_with_output().unwrap();
+    assert_eq!(
+        util::measured(&String::from_utf8_lossy(&received.stdout), "received"),
+        200_000
+    );
+    rec.wait(Duration::from_secs(15));
+    let all = events(&dir);
+    let retransmits: Vec<_> = of_type(&all, "retransmit");
+    eprintln!(
+        "tcp retransmits: {} retransmit events for a connection to {} that lost a quarter of its data packets",
+        retransmits.len(),
+        TestNet::SERVER_ADDR
+    );
+    assert!(
+        !retransmits.is_empty(),
+        "a quarter of the packets dropped must cause retransmits"
+    );
+    for r in &retransmits {
+        assert_eq!(r["pid"], pid, "attributed to the sending process: {r}");
+        assert_eq!(r["daddr"], TestNet::SERVER_ADDR);
+        assert_eq!(r["dport"], 9000);
+        assert_eq!(r["saddr"], TestNet::CLIENT_ADDR);
+    }
+    let close = of_type(&all, "close");
+    assert_eq!(close.len(), 1, "{all:?}");
+    assert_eq!(
+        close[0]["bytes_sent"], 200_000,
+        "every byte made it, retransmitted or not"
+    );
+    let latency: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tcp-latency.json")).unwrap())
+            .unwrap();
+    assert_eq!(latency["remotes"][0]["retransmits"], retransmits.len());
 }

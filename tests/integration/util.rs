@@ -188,8 +188,15 @@ pub struct PausedWorkload {
 
 impl PausedWorkload {
     pub fn start(name: &str, args: &[&str]) -> Self {
-        let child = Command::new(workload_binary(name))
-            .args(args)
+        let mut cmd = Command::new(workload_binary(name));
+        cmd.args(args);
+        Self::start_command(cmd)
+    }
+
+    /// Starts `cmd` (for example the workload under `ip netns exec`; it must exec the workload so
+    /// that the pid stays the same).
+    pub fn start_command(mut cmd: Command) -> Self {
+        let child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

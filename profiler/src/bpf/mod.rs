@@ -68,6 +68,10 @@ pub enum BpfError {
 
 /// Which signals to record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one switch per event of --event"
+)]
 pub struct Events {
     pub cpu: bool,
     pub offcpu: bool,
@@ -203,60 +207,13 @@ impl Probes {
         if OBJECT.is_empty() {
             return Err(BpfError::NotBuilt);
         }
-        let filter = u32::from(options.pids.is_some());
-        let btf = if options.events.offcpu || options.events.tcp {
-            Some(crate::btf::Btf::kernel()?)
-        } else {
-            None
-        };
-        let task_pid_offset = match (&btf, options.events.offcpu) {
-            (Some(btf), true) => btf.field_offset("task_struct", "pid")?,
-            _ => 0,
-        };
-        let tcp_offsets = match (&btf, options.events.tcp) {
-            (Some(btf), true) => tcp::offsets(btf)?,
-            _ => profiler_common::TcpOffsets::default(),
-        };
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global(globals::FILTER_PIDS, &filter, true)
-            .override_global(globals::TASK_PID_OFFSET, &task_pid_offset, true)
-            .override_global(globals::OFFCPU_MIN_NS, &options.offcpu_min_ns, true)
-            .override_global(globals::SYSCALL_SLOW_NS, &options.syscall_slow_ns, true)
-            .override_global(globals::TCP_OFFSETS, &tcp_offsets, true);
-        // Maps of events not recorded shrink to one entry: they are created all the same.
-        let size = |on: bool, n: u32| if on { n } else { 1 };
+        let mut ebpf = load(options)?;
         let Events {
             cpu,
             offcpu: off,
             syscall: sys,
             tcp: net,
         } = options.events;
-        for (name, n) in [
-            (m::COUNTS_A, size(cpu, options.counts_max_entries)),
-            (m::COUNTS_B, size(cpu, options.counts_max_entries)),
-            (m::STACKS_A, size(cpu || sys, options.stacks_max_entries)),
-            (m::STACKS_B, size(cpu || sys, options.stacks_max_entries)),
-            (m::SYSCALLS_A, size(sys, m::SYSCALLS_MAX_ENTRIES)),
-            (m::SYSCALLS_B, size(sys, m::SYSCALLS_MAX_ENTRIES)),
-            (m::ERRNOS_A, size(sys, m::ERRNOS_MAX_ENTRIES)),
-            (m::ERRNOS_B, size(sys, m::ERRNOS_MAX_ENTRIES)),
-            (m::SLOW_A, size(sys, m::SLOW_MAX_ENTRIES)),
-            (m::SLOW_B, size(sys, m::SLOW_MAX_ENTRIES)),
-            (m::SYSCALL_START, size(sys, m::SYSCALL_START_MAX_ENTRIES)),
-            (m::TCP_SOCKS, size(net, m::TCP_SOCKS_MAX_ENTRIES)),
-            (m::TCP_STACKS, size(net, 4_096)),
-            (m::OFFCPU_A, size(off, m::OFFCPU_MAX_ENTRIES)),
-            (m::OFFCPU_B, size(off, m::OFFCPU_MAX_ENTRIES)),
-            (m::OFFCPU_STACKS, size(off, m::OFFCPU_STACKS_MAX_ENTRIES)),
-            (
-                m::OFFCPU_START,
-                size(off, options.offcpu_threads_max_entries),
-            ),
-        ] {
-            loader.map_max_entries(name, n);
-        }
-        let mut ebpf = loader.load(OBJECT)?;
 
         let mut targets: HashMap<MapData, u32, u8> = take_map(&mut ebpf, m::TARGET_PIDS)?;
         for &pid in options.pids.iter().flatten() {
@@ -398,6 +355,66 @@ impl Probes {
         }
         Ok(stats)
     }
+}
+
+/// Loads the object with the globals and map sizes `options` ask for.
+fn load(options: &ProbeOptions) -> Result<Ebpf, BpfError> {
+    let filter = u32::from(options.pids.is_some());
+    let btf = if options.events.offcpu || options.events.tcp {
+        Some(crate::btf::Btf::kernel()?)
+    } else {
+        None
+    };
+    let task_pid_offset = match (&btf, options.events.offcpu) {
+        (Some(btf), true) => btf.field_offset("task_struct", "pid")?,
+        _ => 0,
+    };
+    let tcp_offsets = match (&btf, options.events.tcp) {
+        (Some(btf), true) => tcp::offsets(btf)?,
+        _ => profiler_common::TcpOffsets::default(),
+    };
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(globals::FILTER_PIDS, &filter, true)
+        .override_global(globals::TASK_PID_OFFSET, &task_pid_offset, true)
+        .override_global(globals::OFFCPU_MIN_NS, &options.offcpu_min_ns, true)
+        .override_global(globals::SYSCALL_SLOW_NS, &options.syscall_slow_ns, true)
+        .override_global(globals::TCP_OFFSETS, &tcp_offsets, true);
+    // Maps of events not recorded shrink to one entry: they are created all the same.
+    let size = |on: bool, n: u32| if on { n } else { 1 };
+    let Events {
+        cpu,
+        offcpu: off,
+        syscall: sys,
+        tcp: net,
+    } = options.events;
+    for (name, n) in [
+        (m::COUNTS_A, size(cpu, options.counts_max_entries)),
+        (m::COUNTS_B, size(cpu, options.counts_max_entries)),
+        (m::STACKS_A, size(cpu || sys, options.stacks_max_entries)),
+        (m::STACKS_B, size(cpu || sys, options.stacks_max_entries)),
+        (m::SYSCALLS_A, size(sys, m::SYSCALLS_MAX_ENTRIES)),
+        (m::SYSCALLS_B, size(sys, m::SYSCALLS_MAX_ENTRIES)),
+        (m::ERRNOS_A, size(sys, m::ERRNOS_MAX_ENTRIES)),
+        (m::ERRNOS_B, size(sys, m::ERRNOS_MAX_ENTRIES)),
+        (m::SLOW_A, size(sys, m::SLOW_MAX_ENTRIES)),
+        (m::SLOW_B, size(sys, m::SLOW_MAX_ENTRIES)),
+        (m::SYSCALL_START, size(sys, m::SYSCALL_START_MAX_ENTRIES)),
+        (m::TCP_SOCKS, size(net, m::TCP_SOCKS_MAX_ENTRIES)),
+        (m::TCP_STACKS, size(net, 4_096)),
+        // A ring buffer is sized in bytes, a power of two pages at least.
+        (m::TCP_EVENTS, if net { m::TCP_EVENTS_BYTES } else { 4_096 }),
+        (m::OFFCPU_A, size(off, m::OFFCPU_MAX_ENTRIES)),
+        (m::OFFCPU_B, size(off, m::OFFCPU_MAX_ENTRIES)),
+        (m::OFFCPU_STACKS, size(off, m::OFFCPU_STACKS_MAX_ENTRIES)),
+        (
+            m::OFFCPU_START,
+            size(off, options.offcpu_threads_max_entries),
+        ),
+    ] {
+        loader.map_max_entries(name, n);
+    }
+    Ok(loader.load(OBJECT)?)
 }
 
 /// Loads and attaches BTF tracepoint programs: `(program, tracepoint)` pairs.
