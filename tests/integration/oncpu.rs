@@ -24,7 +24,16 @@ fn attributes_a_known_call_tree_70_30() {
     let pid = w.pid();
     let dir = util::out_dir("calltree");
     let pid_arg = pid.to_string();
-    let args = ["--pid", &pid_arg, "--duration", "4", "-F", "999", "--top", "30"];
+    let args = [
+        "--pid",
+        &pid_arg,
+        "--duration",
+        "4",
+        "-F",
+        "999",
+        "--top",
+        "30",
+    ];
     let out = util::record(&args, &dir);
     let p = util::read_profile(&dir);
 

@@ -146,6 +146,16 @@ fn workloads(cprof: &str, scratch: &Path) -> Vec<Workload> {
                 ),
             ],
         },
+        Workload {
+            name: "loopback connect loop (5000 connections)",
+            args: vec!["connects".into(), "5000".into()],
+            configs: vec![
+                baseline.clone(),
+                cp("tcp", &["-e", "tcp"]),
+                cp("all-tcp", &["-e", "all"]),
+                peer("libbpf-tools tcplife", &["tcplife"], None),
+            ],
+        },
     ];
     for hz in ["19", "99", "999", "4999"] {
         workloads[0]
