@@ -153,6 +153,64 @@ fn loopback_connects_closes_and_refusals() {
     assert!(summary.contains(&remote), "{summary}");
 }
 
+/// The same over IPv6: addresses read from the socket's IPv6 fields.
+#[test]
+fn ipv6_connections() {
+    util::require_root();
+    let (n, bytes, m) = (5u64, 1_000u64, 2u64);
+    let mut w = PausedWorkload::start(
+        "tcp",
+        &[
+            "loopback6",
+            &n.to_string(),
+            &bytes.to_string(),
+            &m.to_string(),
+        ],
+    );
+    let pid = w.pid();
+    let dir = util::out_dir("tcp-ipv6");
+    let rec = Recording::start(&["--pid", &pid.to_string(), "--event", "tcp"], &dir);
+    w.go();
+    let out = w.finish();
+    let (port, closed) = (
+        util::measured(&out, "port"),
+        util::measured(&out, "closed_port"),
+    );
+    rec.wait(Duration::from_secs(15));
+    let all = events(&dir);
+    let connects: Vec<_> = of_type(&all, "connect")
+        .into_iter()
+        .filter(|e| e["dport"] == port)
+        .collect();
+    assert_eq!(connects.len() as u64, n, "{all:?}");
+    assert!(
+        connects
+            .iter()
+            .all(|e| e["daddr"] == "::1" && e["saddr"] == "::1"),
+        "{connects:?}"
+    );
+    let closes: Vec<_> = of_type(&all, "close")
+        .into_iter()
+        .filter(|e| e["dport"] == port)
+        .collect();
+    assert_eq!(closes.len() as u64, n);
+    assert!(
+        closes
+            .iter()
+            .all(|c| c["bytes_sent"] == bytes && c["daddr"] == "::1")
+    );
+    let failed = of_type(&all, "connect_failed")
+        .into_iter()
+        .filter(|e| e["dport"] == closed)
+        .count();
+    assert_eq!(failed as u64, m);
+    eprintln!(
+        "tcp ipv6: {} connects and {} closes to [::1]:{port}, {failed} refused",
+        connects.len(),
+        closes.len()
+    );
+}
+
 /// A loop of thousands of connects per second: every event arrives, or the loss is counted.
 #[test]
 fn connect_bursts_lose_nothing_silently() {

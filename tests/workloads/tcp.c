@@ -1,6 +1,7 @@
 /*
  * TCP workloads. Each waits for a line on stdin, does its work, prints what it did and exits.
  *
+ *   tcp loopback6 N BYTES M  the same over IPv6, on ::1.
  *   tcp loopback N BYTES M   a listener on 127.0.0.1 (thread "server" reads to EOF); the main
  *                            thread connects N times from open_connection, sends BYTES and
  *                            closes; then connects M times to a closed port (refused).
@@ -22,29 +23,52 @@
 #include <time.h>
 #include <unistd.h>
 
+static int family = AF_INET;
+
+static socklen_t make_addr(struct sockaddr_storage *ss, const char *host, int port) {
+    memset(ss, 0, sizeof *ss);
+    if (family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons(port);
+        inet_pton(AF_INET6, host, &a->sin6_addr);
+        return sizeof *a;
+    }
+    struct sockaddr_in *a = (struct sockaddr_in *)ss;
+    a->sin_family = AF_INET;
+    a->sin_port = htons(port);
+    inet_pton(AF_INET, host, &a->sin_addr);
+    return sizeof *a;
+}
+
+static int port_of(const struct sockaddr_storage *ss) {
+    return ntohs(family == AF_INET6 ? ((const struct sockaddr_in6 *)ss)->sin6_port
+                                    : ((const struct sockaddr_in *)ss)->sin_port);
+}
+
 static int listen_on(const char *host, int port, int *bound_port) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int fd = socket(family, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    inet_pton(AF_INET, host, &a.sin_addr);
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 4096)) { perror("listen"); exit(1); }
-    socklen_t len = sizeof a;
+    struct sockaddr_storage a;
+    socklen_t len = make_addr(&a, host, port);
+    if (bind(fd, (struct sockaddr *)&a, len) || listen(fd, 4096)) { perror("listen"); exit(1); }
+    len = sizeof a;
     getsockname(fd, (struct sockaddr *)&a, &len);
-    if (bound_port) *bound_port = ntohs(a.sin_port);
+    if (bound_port) *bound_port = port_of(&a);
     return fd;
 }
 
 /* Calls connect directly, so a frame-pointer unwinder skips it and shows its caller. */
-__attribute__((noinline)) int do_connect(int fd, struct sockaddr_in *a) {
-    return connect(fd, (struct sockaddr *)a, sizeof *a);
+__attribute__((noinline)) int do_connect(int fd, struct sockaddr_storage *a, socklen_t len) {
+    return connect(fd, (struct sockaddr *)a, len);
 }
 
 __attribute__((noinline)) int open_connection(const char *host, int port) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
-    inet_pton(AF_INET, host, &a.sin_addr);
-    if (do_connect(fd, &a) != 0) {
+    int fd = socket(family, SOCK_STREAM, 0);
+    struct sockaddr_storage a;
+    socklen_t len = make_addr(&a, host, port);
+    if (do_connect(fd, &a, len) != 0) {
         close(fd);
         return -1;
     }
@@ -94,24 +118,29 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!fgets(line, sizeof line, stdin)) return 1;
+    if (strcmp(argv[1], "loopback6") == 0) {
+        family = AF_INET6;
+        argv[1] = "loopback";
+    }
+    const char *local = family == AF_INET6 ? "::1" : "127.0.0.1";
     if (strcmp(argv[1], "loopback") == 0 && argc >= 5) {
         int n = atoi(argv[2]), m = atoi(argv[4]);
         long bytes = atol(argv[3]);
         int port;
-        int lfd = listen_on("127.0.0.1", 0, &port);
+        int lfd = listen_on(local, 0, &port);
         pthread_t t;
         pthread_create(&t, NULL, drain_all, (void *)(long)lfd);
         char *buf = calloc(1, bytes + 1);
         for (int i = 0; i < n; i++) {
-            int fd = open_connection("127.0.0.1", port);
+            int fd = open_connection(local, port);
             if (fd < 0) { perror("connect"); return 1; }
             send_all(fd, buf, bytes);
             close(fd);
         }
         int closed_port;
-        close(listen_on("127.0.0.1", 0, &closed_port));
+        close(listen_on(local, 0, &closed_port));
         int refused = 0;
-        for (int i = 0; i < m; i++) refused += open_connection("127.0.0.1", closed_port) < 0;
+        for (int i = 0; i < m; i++) refused += open_connection(local, closed_port) < 0;
         usleep(200000); /* let the server finish reading */
         printf("port=%d closed_port=%d connects=%d refused=%d\n", port, closed_port, n, refused);
         return 0;

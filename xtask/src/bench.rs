@@ -157,23 +157,35 @@ fn workloads(cprof: &str, scratch: &Path) -> Vec<Workload> {
             ],
         },
     ];
-    for hz in ["19", "99", "999", "4999"] {
-        workloads[0]
-            .configs
-            .push(cp(&format!("cpu{hz}"), &["-e", "cpu", "-F", hz]));
-    }
     workloads[0]
         .configs
-        .push(cp("all-cpu", &["-e", "all", "-F", "99"]));
+        .extend(cpu_configs(&cp, &peer, &perf_data));
+    workloads
+}
+
+/// Makes the configuration of a peer: name, command line, the line that says it is attached.
+type PeerConfig = dyn Fn(&str, &[&str], Option<&'static str>) -> Config;
+
+/// The CPU-bound workload's profilers: cprof across the frequency sweep, perf and bpftrace.
+fn cpu_configs(
+    cp: &dyn Fn(&str, &[&str]) -> Config,
+    peer: &PeerConfig,
+    perf_data: &str,
+) -> Vec<Config> {
+    let mut configs = Vec::new();
+    for hz in ["19", "99", "999", "4999"] {
+        configs.push(cp(&format!("cpu{hz}"), &["-e", "cpu", "-F", hz]));
+    }
+    configs.push(cp("all-cpu", &["-e", "all", "-F", "99"]));
     for hz in ["99", "999", "4999"] {
-        workloads[0].configs.push(peer(
+        configs.push(peer(
             &format!("perf record -a -g -F {hz}"),
             &[
-                "perf", "record", "-q", "-a", "-g", "-F", hz, "-o", &perf_data,
+                "perf", "record", "-q", "-a", "-g", "-F", hz, "-o", perf_data,
             ],
             None,
         ));
-        workloads[0].configs.push(peer(
+        configs.push(peer(
             &format!("bpftrace profile:hz:{hz}"),
             &[
                 "bpftrace",
@@ -184,7 +196,7 @@ fn workloads(cprof: &str, scratch: &Path) -> Vec<Workload> {
         ));
     }
 
-    workloads
+    configs
 }
 
 fn measure(bench: &Path, args: &[String], config: &Config, m: &mut Measured) -> anyhow::Result<()> {
