@@ -288,7 +288,11 @@ fn write_profiles(
     } = outcome;
     let evicted = evicted_starts(&stats, still_waiting);
     let unsymbolized = rec.symbols.stats.unsymbolized;
-    let comments = comments(config, &stats, unsymbolized, evicted, still_waiting);
+    let mut comments = comments(config, &stats, unsymbolized, evicted, still_waiting);
+    comments.push(format!(
+        "processes gone before their memory maps could be read (frames unsymbolized): {}",
+        rec.symbols.stats.processes_unreadable
+    ));
     let time = |mut p: Profile| {
         p.time_nanos = started_wall
             .duration_since(UNIX_EPOCH)
@@ -733,17 +737,4 @@ fn write_tcp(
         events: rec.tcp.len(),
         remotes: rec.tcp.by_remote().into_iter().take(config.top).collect(),
     })
-}
-
-/// Letters of the states present in an off-CPU profile (for tests and tools).
-#[must_use]
-pub fn states_in(profile: &Profile) -> Vec<String> {
-    let mut states: Vec<String> = profile
-        .sample
-        .iter()
-        .filter_map(|s| profile.label_str(s, "state").map(str::to_owned))
-        .collect();
-    states.sort();
-    states.dedup();
-    states
 }

@@ -7,7 +7,9 @@
  *                            closes; then connects M times to a closed port (refused).
  *                            Prints port=<P> closed_port=<Q> connects=<N> refused=<M>.
  *   tcp client HOST PORT BYTES   one connection from send_slowly: sends BYTES in 1 KiB writes
- *                            over about a second, then closes. Prints sent=<BYTES>.
+ *                            over about a second, shuts its side down and waits for the
+ *                            server to close (so every byte is acknowledged and the socket
+ *                            closed before it exits). Prints sent=<BYTES>.
  *   tcp server HOST PORT     accepts one connection, reads to EOF, prints received=<N>.
  *   tcp burst SECONDS        connect/close to a local listener as fast as it goes; prints
  *                            connects=<N>.
@@ -149,6 +151,9 @@ int main(int argc, char **argv) {
         int fd = open_connection(argv[2], atoi(argv[3]));
         if (fd < 0) { perror("connect"); return 1; }
         send_slowly(fd, atol(argv[4]));
+        shutdown(fd, SHUT_WR);
+        char buf[256];
+        while (read(fd, buf, sizeof buf) > 0) {}
         close(fd);
         printf("sent=%s\n", argv[4]);
         return 0;
