@@ -79,6 +79,17 @@ pub fn percentile(buckets: &[u64], count: u64, max_ns: u64, q: f64) -> u64 {
     max_ns
 }
 
+/// The non-empty buckets of a histogram as `[{"le_ns", "count"}]`, ascending.
+#[must_use]
+pub fn buckets_json(buckets: &[u64]) -> Vec<serde_json::Value> {
+    buckets
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(i, &n)| json!({"le_ns": histogram::bounds(i).1, "count": n}))
+        .collect()
+}
+
 impl SyscallProfile {
     pub fn add(&mut self, syscalls: Vec<RawSyscall>, errnos: &[RawErrno], slow: Vec<RawSlow>) {
         for s in syscalls {
@@ -177,13 +188,7 @@ impl SyscallProfile {
                 let bytes = BYTE_SYSCALLS
                     .contains(&row.syscall.as_str())
                     .then_some(h.bytes);
-                let buckets: Vec<_> = h
-                    .buckets
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| **n > 0)
-                    .map(|(i, &n)| json!({"le_ns": histogram::bounds(i).1, "count": n}))
-                    .collect();
+                let buckets = buckets_json(&h.buckets);
                 json!({
                     "pid": row.pid,
                     "comm": row.comm,

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::bpf::RawTcpEvent;
 use crate::pprof::{LabelValue, PprofBuilder, Profile};
 use crate::symbols::{Stack, StackWriter, Symbols};
-use crate::syscalls::percentile;
+use crate::syscalls::{buckets_json, percentile};
 
 /// The name of an event kind, as `tcp-events.jsonl` writes it.
 #[must_use]
@@ -230,13 +230,7 @@ impl TcpProfile {
             .into_iter()
             .filter(|(_, s)| s.connects + s.failed > 0)
             .map(|(remote, s)| {
-                let buckets: Vec<_> = s
-                    .buckets
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| **n > 0)
-                    .map(|(i, &n)| json!({"le_ns": histogram::bounds(i).1, "count": n}))
-                    .collect();
+                let buckets = buckets_json(&s.buckets);
                 json!({
                     "remote": remote,
                     "connects": s.connects,

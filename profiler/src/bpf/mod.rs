@@ -131,18 +131,19 @@ pub struct Drained {
     pub tcp: Vec<RawTcpEvent>,
 }
 
-/// Reads stack ids of one stack map, each once.
-pub(crate) struct StackReader<'m> {
-    map: &'m StackTraceMap<MapData>,
+/// Stack traces read from a stack map, each id once. Keep one for a drain when the map is cleared
+/// after it, or for the whole run when ids stay valid (maps never cleared).
+#[derive(Default)]
+pub(crate) struct StackCache {
     cache: std::collections::HashMap<i32, Option<Vec<u64>>>,
 }
 
-impl StackReader<'_> {
-    pub(crate) fn get(&mut self, id: i32) -> Option<Vec<u64>> {
+impl StackCache {
+    /// The frames of stack `id` in `map`, leaf first; `None` for `NO_STACK` or a missing id.
+    pub(crate) fn get(&mut self, map: &StackTraceMap<MapData>, id: i32) -> Option<Vec<u64>> {
         if id == profiler_common::NO_STACK {
             return None;
         }
-        let map = self.map;
         self.cache
             .entry(id)
             .or_insert_with(|| {
@@ -151,6 +152,18 @@ impl StackReader<'_> {
                     .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
             })
             .clone()
+    }
+}
+
+/// One drain's view of a double-buffered stack map.
+pub(crate) struct StackReader<'m> {
+    map: &'m StackTraceMap<MapData>,
+    cache: StackCache,
+}
+
+impl StackReader<'_> {
+    pub(crate) fn get(&mut self, id: i32) -> Option<Vec<u64>> {
+        self.cache.get(self.map, id)
     }
 }
 
@@ -284,7 +297,7 @@ impl Probes {
         let mut drained = Drained::default();
         let mut stacks = StackReader {
             map: &self.stacks[idle],
-            cache: std::collections::HashMap::new(),
+            cache: StackCache::default(),
         };
         if let Some(oncpu) = &mut self.oncpu {
             drained.samples = oncpu.drain(idle, &mut stacks)?;

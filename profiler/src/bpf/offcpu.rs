@@ -1,11 +1,9 @@
 //! The off-CPU probes: `sched_switch` and `sched_waking` BTF tracepoints, waits aggregated in
 //! double-buffered per-CPU hash maps keyed by (thread, stacks, state, waker).
 
-use std::collections::HashMap;
-
 use aya::Ebpf;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, StackTraceMap};
-use profiler_common::{NO_STACK, OffCpuKey, OffCpuStart, OffCpuValue, maps as m};
+use aya::maps::{HashMap, MapData, PerCpuHashMap, StackTraceMap};
+use profiler_common::{OffCpuKey, OffCpuStart, OffCpuValue, maps as m};
 
 use super::{BpfError, comm_string, take_map};
 
@@ -42,9 +40,9 @@ pub(super) struct OffCpu {
     waits: [PerCpuHashMap<MapData, OffCpuKey, OffCpuValue>; 2],
     stacks: StackTraceMap<MapData>,
     // An LRU hash map; aya reads it through its HashMap type.
-    starts: BpfHashMap<MapData, u32, OffCpuStart>,
+    starts: HashMap<MapData, u32, OffCpuStart>,
     /// Stack ids are never reused while the map is not cleared: read each one once.
-    stack_cache: HashMap<i32, Option<Vec<u64>>>,
+    stack_cache: super::StackCache,
 }
 
 impl OffCpu {
@@ -53,7 +51,7 @@ impl OffCpu {
             waits: [take_map(ebpf, m::OFFCPU_A)?, take_map(ebpf, m::OFFCPU_B)?],
             stacks: take_map(ebpf, m::OFFCPU_STACKS)?,
             starts: take_map(ebpf, m::OFFCPU_START)?,
-            stack_cache: HashMap::new(),
+            stack_cache: super::StackCache::default(),
         };
         super::attach_btf_tracepoints(ebpf, &PROGRAMS)?;
         Ok(off_cpu)
@@ -64,19 +62,7 @@ impl OffCpu {
     }
 
     fn stack(&mut self, id: i32) -> Option<Vec<u64>> {
-        if id == NO_STACK {
-            return None;
-        }
-        let stacks = &self.stacks;
-        self.stack_cache
-            .entry(id)
-            .or_insert_with(|| {
-                stacks
-                    .get(&(id as u32), 0)
-                    .ok()
-                    .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
-            })
-            .clone()
+        self.stack_cache.get(&self.stacks, id)
     }
 
     /// Reads and clears buffer `idle`.

@@ -1,11 +1,9 @@
 //! The TCP probes: BTF tracepoints on the TCP state machine, retransmits and resets; events read
 //! from a ring buffer at each drain.
 
-use std::collections::HashMap;
-
 use aya::Ebpf;
 use aya::maps::{MapData, RingBuf, StackTraceMap};
-use profiler_common::{NO_STACK, TcpEvent, TcpOffsets, maps as m};
+use profiler_common::{TcpEvent, TcpOffsets, maps as m};
 
 use super::{BpfError, comm_string, take_map};
 
@@ -47,7 +45,7 @@ pub(super) struct Tcp {
     events: RingBuf<MapData>,
     stacks: StackTraceMap<MapData>,
     /// Stack ids are never reused while the map is not cleared: read each one once.
-    stack_cache: HashMap<i32, Option<Vec<u64>>>,
+    stack_cache: super::StackCache,
 }
 
 impl Tcp {
@@ -55,7 +53,7 @@ impl Tcp {
         let tcp = Self {
             events: take_map(ebpf, m::TCP_EVENTS)?,
             stacks: take_map(ebpf, m::TCP_STACKS)?,
-            stack_cache: HashMap::new(),
+            stack_cache: super::StackCache::default(),
         };
         super::attach_btf_tracepoints(ebpf, &PROGRAMS)?;
         Ok(tcp)
@@ -83,18 +81,6 @@ impl Tcp {
     }
 
     fn stack(&mut self, id: i32) -> Option<Vec<u64>> {
-        if id == NO_STACK {
-            return None;
-        }
-        let stacks = &self.stacks;
-        self.stack_cache
-            .entry(id)
-            .or_insert_with(|| {
-                stacks
-                    .get(&(id as u32), 0)
-                    .ok()
-                    .map(|trace| trace.frames().iter().map(|f| f.ip).collect())
-            })
-            .clone()
+        self.stack_cache.get(&self.stacks, id)
     }
 }
