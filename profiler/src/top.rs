@@ -13,7 +13,9 @@ pub struct TopFunction {
     pub total_samples: u64,
 }
 
-/// The `n` functions with the most self value in sample type `value_index`.
+/// The `n` functions with the most self value in sample type `value_index`, then the most total.
+/// Functions under 0.5% of the total everywhere (a stray interrupt frame) are left out, so that
+/// a 70% caller with no self time is not pushed off the list by them.
 #[must_use]
 pub fn top_functions(profile: &Profile, value_index: usize, n: usize) -> Vec<TopFunction> {
     let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
@@ -43,6 +45,12 @@ pub fn top_functions(profile: &Profile, value_index: usize, n: usize) -> Vec<Top
             total_samples,
         })
         .collect();
+    let all: u64 = profile
+        .sample
+        .iter()
+        .map(|s| s.value.get(value_index).copied().unwrap_or(0) as u64)
+        .sum();
+    top.retain(|t| t.total_samples * 200 >= all);
     top.sort_by(|a, b| {
         (b.self_samples, b.total_samples, &a.name).cmp(&(a.self_samples, a.total_samples, &b.name))
     });
@@ -116,6 +124,21 @@ pub fn top_stacks(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stray_frames_do_not_push_callers_off_the_list() {
+        let mut b = PprofBuilder::new(&[("samples", "count")], ("cpu", "nanoseconds"), 1);
+        let leaf = b.location(0, 1, &[FrameLine::named("leaf")]);
+        let caller = b.location(0, 2, &[FrameLine::named("caller")]);
+        let irq = b.location(0, 3, &[FrameLine::named("irq")]);
+        b.add_sample(vec![leaf, caller], vec![999], &[]);
+        b.add_sample(vec![irq], vec![1], &[]);
+        let names: Vec<_> = top_functions(&b.finish(), 0, 2)
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["leaf", "caller"], "irq has 0.1% of the samples");
+    }
+
     use super::*;
     use crate::pprof::{FrameLine, PprofBuilder};
 
