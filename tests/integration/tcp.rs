@@ -18,6 +18,37 @@ fn of_type<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_jso
     events.iter().filter(|e| e["type"] == kind).collect()
 }
 
+/// What a `tcp loopback`/`loopback6` run produced.
+struct LoopbackRun {
+    pid: u32,
+    port: u64,
+    closed_port: u64,
+    refused: u64,
+    events: Vec<serde_json::Value>,
+    summary: String,
+}
+
+/// Runs the workload in `mode` (`loopback` or `loopback6`) under `cprof record --event tcp`.
+fn loopback_run(mode: &str, n: u64, bytes: u64, m: u64, dir: &std::path::Path) -> LoopbackRun {
+    let mut w = PausedWorkload::start(
+        "tcp",
+        &[mode, &n.to_string(), &bytes.to_string(), &m.to_string()],
+    );
+    let pid = w.pid();
+    let rec = Recording::start(&["--pid", &pid.to_string(), "--event", "tcp"], dir);
+    w.go();
+    let out = w.finish();
+    let summary = rec.wait(Duration::from_secs(15));
+    LoopbackRun {
+        pid,
+        port: util::measured(&out, "port"),
+        closed_port: util::measured(&out, "closed_port"),
+        refused: util::measured(&out, "refused"),
+        events: events(dir),
+        summary,
+    }
+}
+
 /// N connects to a listener and M to a closed port, on loopback.
 #[test]
 #[expect(
@@ -27,32 +58,15 @@ fn of_type<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_jso
 fn loopback_connects_closes_and_refusals() {
     util::require_root();
     let (n, bytes, m) = (20u64, 10_000u64, 5u64);
-    let mut w = PausedWorkload::start(
-        "tcp",
-        &[
-            "loopback",
-            &n.to_string(),
-            &bytes.to_string(),
-            &m.to_string(),
-        ],
-    );
-    let pid = w.pid();
     let dir = util::out_dir("tcp-loopback");
-    let rec = Recording::start(&["--pid", &pid.to_string(), "--event", "tcp"], &dir);
-    w.go();
-    let out = w.finish();
-    let (port, closed) = (
-        util::measured(&out, "port"),
-        util::measured(&out, "closed_port"),
-    );
+    let run = loopback_run("loopback", n, bytes, m, &dir);
+    let (pid, port, closed, summary) = (run.pid, run.port, run.closed_port, run.summary);
     assert_eq!(
-        util::measured(&out, "refused"),
-        m,
+        run.refused, m,
         "every connect to the closed port was refused"
     );
-    let summary = rec.wait(Duration::from_secs(15));
 
-    let all = events(&dir);
+    let all = run.events;
     for e in &all {
         assert_eq!(e["pid"], pid, "only the target's connections: {e}");
         assert_eq!(e["comm"], "tcp");
@@ -158,26 +172,10 @@ fn loopback_connects_closes_and_refusals() {
 fn ipv6_connections() {
     util::require_root();
     let (n, bytes, m) = (5u64, 1_000u64, 2u64);
-    let mut w = PausedWorkload::start(
-        "tcp",
-        &[
-            "loopback6",
-            &n.to_string(),
-            &bytes.to_string(),
-            &m.to_string(),
-        ],
-    );
-    let pid = w.pid();
     let dir = util::out_dir("tcp-ipv6");
-    let rec = Recording::start(&["--pid", &pid.to_string(), "--event", "tcp"], &dir);
-    w.go();
-    let out = w.finish();
-    let (port, closed) = (
-        util::measured(&out, "port"),
-        util::measured(&out, "closed_port"),
-    );
-    rec.wait(Duration::from_secs(15));
-    let all = events(&dir);
+    let run = loopback_run("loopback6", n, bytes, m, &dir);
+    let (port, closed) = (run.port, run.closed_port);
+    let all = run.events;
     let connects: Vec<_> = of_type(&all, "connect")
         .into_iter()
         .filter(|e| e["dport"] == port)
