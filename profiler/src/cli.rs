@@ -105,6 +105,11 @@ pub struct RecordArgs {
     #[arg(long, value_name = "N", default_value_t = profiler_common::maps::COUNTS_MAX_ENTRIES)]
     pub count_map_size: u32,
 
+    /// Bytes of the TCP event ring buffer (a power of two, at least 4096). Raise it when the
+    /// summary reports lost TCP events.
+    #[arg(long, value_name = "BYTES", default_value_t = profiler_common::maps::TCP_EVENTS_BYTES, hide = true)]
+    pub tcp_buffer_size: u32,
+
     /// Off-CPU waits shorter than this are not recorded (filtered in the kernel): 1us keeps
     /// every wait a user could act on and skips the sub-microsecond switches that cost more to
     /// record than they say.

@@ -23,6 +23,8 @@ pub enum ConfigError {
     },
     #[error("--event {0:?}: unknown event (use a comma list of cpu, offcpu, syscall, tcp, all)")]
     UnknownEvent(String),
+    #[error("--tcp-buffer-size {0}: must be a power of two between 4096 and 1073741824 bytes")]
+    TcpBufferSize(u32),
     #[error("--{flag} {value}: must be between {min} and {max}")]
     MapSize {
         flag: &'static str,
@@ -48,6 +50,8 @@ pub struct RecordConfig {
     pub syscall_slow: Duration,
     pub stack_map_size: u32,
     pub count_map_size: u32,
+    /// Bytes of the TCP event ring buffer.
+    pub tcp_buffer_size: u32,
     pub top: usize,
 }
 
@@ -92,6 +96,10 @@ impl RecordConfig {
                 });
             }
         }
+        let tcp = args.tcp_buffer_size;
+        if !tcp.is_power_of_two() || !(4_096..=1 << 30).contains(&tcp) {
+            return Err(ConfigError::TcpBufferSize(tcp));
+        }
         Ok(Self {
             events,
             pids: (!pids.is_empty()).then_some(pids),
@@ -107,6 +115,7 @@ impl RecordConfig {
             syscall_slow,
             stack_map_size: args.stack_map_size,
             count_map_size: args.count_map_size,
+            tcp_buffer_size: args.tcp_buffer_size,
             top: args.top,
         })
     }

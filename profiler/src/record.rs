@@ -395,6 +395,19 @@ fn cpu_summary(out: &mut String, cpu: &CpuSummary, s: &ProbeStats) {
         s.lost_samples(),
         s.lost_stacks(),
     );
+    let _ = writeln!(
+        out,
+        "(ticks seen: {} = {} recorded + {} lost + {} other processes + {} idle; stacks lost: user {} map full, {} collisions, kernel {} map full, {} collisions)",
+        s.get(stat::SAMPLES_SEEN),
+        s.get(stat::SAMPLES_RECORDED),
+        s.lost_samples(),
+        s.get(stat::SAMPLES_FILTERED),
+        s.get(stat::SAMPLES_IDLE),
+        s.get(stat::USER_STACK_MAP_FULL),
+        s.get(stat::USER_STACK_COLLISION),
+        s.get(stat::KERNEL_STACK_MAP_FULL),
+        s.get(stat::KERNEL_STACK_COLLISION),
+    );
     if cpu.samples > 0 {
         let _ = writeln!(
             out,

@@ -68,6 +68,7 @@ impl Session {
             pid_namespace,
             counts_max_entries: config.count_map_size,
             stacks_max_entries: config.stack_map_size,
+            tcp_buffer_bytes: config.tcp_buffer_size,
             offcpu_min_ns: config.off_cpu_min.as_nanos() as u64,
             offcpu_threads_max_entries: config.off_cpu_threads,
             syscall_slow_ns: config.syscall_slow.as_nanos() as u64,

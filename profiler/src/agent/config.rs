@@ -209,6 +209,7 @@ impl AgentConfig {
                 file.count_map_size,
                 m::COUNTS_MAX_ENTRIES,
             )?,
+            tcp_buffer_size: m::TCP_EVENTS_BYTES,
             top: 10,
         };
         let mut pids = pids;

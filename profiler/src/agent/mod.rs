@@ -45,10 +45,25 @@ struct Agent<'c> {
     metrics: Metrics,
     window: Window,
     pusher: Option<Pusher>,
+    /// Unix second of the last window's stamp: stamps are unique (a short last window, or one
+    /// cut short by a slow drain, can start within the second of the one before).
+    last_stamp: Option<u64>,
 }
 
 /// How long a stopping agent waits for an in-flight push (the rest stays in the spool).
 const PUSH_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// The time a window is named after: its start, moved to the second after the previous window's
+/// when it falls within it, so that no window's files replace another's.
+fn unique_stamp_time(started: SystemTime, last: &mut Option<u64>) -> SystemTime {
+    let secs = started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let secs = last.map_or(secs, |last| secs.max(last + 1));
+    *last = Some(secs);
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
 
 /// Runs until SIGTERM/SIGINT (or, with `--pid`, until every target exited); writes the current
 /// window before returning.
@@ -95,6 +110,7 @@ pub async fn run(config: &AgentConfig) -> anyhow::Result<()> {
             stats_before: ProbeStats::default(),
         },
         pusher,
+        last_stamp: None,
     };
     let start = tokio::time::Instant::now();
     let mut drain_tick = tokio::time::interval_at(
@@ -177,7 +193,7 @@ impl Agent<'_> {
                 stats_before: stats,
             },
         );
-        let stamp = civil::utc_stamp(window.started_wall);
+        let stamp = civil::utc_stamp(unique_stamp_time(window.started_wall, &mut self.last_stamp));
         let outcome = Outcome {
             started_wall: window.started_wall,
             elapsed: window.started.elapsed(),
@@ -367,4 +383,24 @@ fn describe(config: &AgentConfig) -> String {
         config.interval,
         r.output_dir.display(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_stamps_never_repeat() {
+        let at = |s: u64, ms: u64| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_millis(ms)
+        };
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let mut last = None;
+        assert_eq!(secs(unique_stamp_time(at(100, 200), &mut last)), 100);
+        // A window starting within the same second is named after the next one.
+        assert_eq!(secs(unique_stamp_time(at(100, 900), &mut last)), 101);
+        assert_eq!(secs(unique_stamp_time(at(101, 100), &mut last)), 102);
+        // Once time has moved past, stamps follow it again.
+        assert_eq!(secs(unique_stamp_time(at(160, 0), &mut last)), 160);
+    }
 }

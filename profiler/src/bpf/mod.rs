@@ -112,6 +112,8 @@ pub struct ProbeOptions {
     pub counts_max_entries: u32,
     /// On-CPU: distinct stacks per buffer.
     pub stacks_max_entries: u32,
+    /// TCP: bytes of the event ring buffer (a power of two, at least a page).
+    pub tcp_buffer_bytes: u32,
     /// Off-CPU: waits shorter than this are not recorded.
     pub offcpu_min_ns: u64,
     /// Off-CPU: threads tracked while switched out (LRU).
@@ -135,6 +137,7 @@ impl Default for ProbeOptions {
             pid_namespace: None,
             counts_max_entries: m::COUNTS_MAX_ENTRIES,
             stacks_max_entries: m::STACKS_MAX_ENTRIES,
+            tcp_buffer_bytes: m::TCP_EVENTS_BYTES,
             offcpu_min_ns: 1_000,
             offcpu_threads_max_entries: m::OFFCPU_START_MAX_ENTRIES,
             syscall_slow_ns: 1_000_000,
@@ -498,7 +501,10 @@ fn load(options: &ProbeOptions) -> Result<Ebpf, BpfError> {
         (m::TCP_SOCKS, size(net, m::TCP_SOCKS_MAX_ENTRIES)),
         (m::TCP_STACKS, size(net, 4_096)),
         // A ring buffer is sized in bytes, a power of two pages at least.
-        (m::TCP_EVENTS, if net { m::TCP_EVENTS_BYTES } else { 4_096 }),
+        (
+            m::TCP_EVENTS,
+            if net { options.tcp_buffer_bytes } else { 4_096 },
+        ),
         (m::OFFCPU_A, size(off, m::OFFCPU_MAX_ENTRIES)),
         (m::OFFCPU_B, size(off, m::OFFCPU_MAX_ENTRIES)),
         (m::OFFCPU_STACKS, size(off, m::OFFCPU_STACKS_MAX_ENTRIES)),
