@@ -196,7 +196,7 @@ fn agent_metrics_count_lost_samples_by_reason() {
     require_root();
     let port = 19_471;
     let dir = out_dir("lost-agent");
-    let mut w = PausedWorkload::start("hotthreads", &["24", "4"]);
+    let mut w = PausedWorkload::start("hotthreads", &["12", "5"]);
     let pid = w.pid().to_string();
     let mut agent = Agent::start(&[
         "--pid",
@@ -215,11 +215,17 @@ fn agent_metrics_count_lost_samples_by_reason() {
         &format!("127.0.0.1:{port}"),
     ]);
     w.go();
-    // Two windows into the workload's four seconds.
-    agent.skip_backlog();
-    agent.wait_for_line("cprof: window", Duration::from_secs(10));
-    agent.wait_for_line("cprof: window", Duration::from_secs(10));
-    let body = scrape(port);
+    // The metrics are refreshed at every drain: keep the last scrape taken while the workload
+    // ran (the agent stops once it has exited).
+    let mut body = String::new();
+    while w.child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = scrape(port);
+        if !now.contains("cprof_samples_total 0\n") {
+            body = now;
+        }
+    }
+    assert!(!body.is_empty(), "no drain within the workload's run");
     w.finish();
     // With --pid, the agent stops once its target has exited, after writing the last window.
     agent.wait_for_line("cprof: agent stopped", Duration::from_secs(15));
