@@ -170,6 +170,19 @@ fn metric(body: &str, series: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{series}: {e}"))
 }
 
+/// On-CPU stacks lost, every reason, from the agent's metrics.
+fn lost_oncpu_stacks(body: &str) -> u64 {
+    [
+        "user_stack_map_full",
+        "user_stack_collision",
+        "kernel_stack_map_full",
+        "kernel_stack_collision",
+    ]
+    .iter()
+    .map(|r| metric(body, &format!("cprof_lost_stacks_total{{reason=\"{r}\"}}")))
+    .sum()
+}
+
 /// `cprof: window <stamp>: 1 files, <N> samples (lost <L>)` -> (N, L).
 fn window_counts(line: &str) -> (u64, u64) {
     (number_after(line, "files, "), number_after(line, "(lost "))
@@ -246,15 +259,7 @@ fn agent_metrics_count_lost_samples_by_reason() {
         &body,
         "cprof_lost_samples_total{reason=\"oncpu_count_map_full\"}",
     );
-    let stacks: u64 = [
-        "user_stack_map_full",
-        "user_stack_collision",
-        "kernel_stack_map_full",
-        "kernel_stack_collision",
-    ]
-    .iter()
-    .map(|r| metric(&body, &format!("cprof_lost_stacks_total{{reason=\"{r}\"}}")))
-    .sum();
+    let stacks = lost_oncpu_stacks(&body);
     // What each window says it holds, and what its file holds.
     let (mut said, mut said_lost) = (0, 0);
     for line in agent
