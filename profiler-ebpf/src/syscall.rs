@@ -53,6 +53,10 @@ static BYTE_SYSCALLS: Array<u32> = Array::with_max_entries(m::MAX_SYSCALL_NR, 0)
 #[map]
 static SYSCALL_ZERO: Array<SyscallStats> = Array::with_max_entries(1, 0);
 
+/// x86-64 numbers of the syscalls that do not return.
+const NR_EXIT: i64 = 60;
+const NR_EXIT_GROUP: i64 = 231;
+
 #[btf_tracepoint(function = "sys_enter")]
 pub fn on_sys_enter(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(struct pt_regs *regs, long id)
@@ -62,6 +66,11 @@ pub fn on_sys_enter(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let nr: i64 = ctx.arg(1);
+    // exit and exit_group never return: a start stored for them would stay behind, one per
+    // thread that ever ended, until the LRU evicts it.
+    if nr == NR_EXIT || nr == NR_EXIT_GROUP {
+        return 0;
+    }
     let start = SyscallStart {
         start_ns: unsafe { bpf_ktime_get_ns() },
         nr: nr as u32,
