@@ -1,5 +1,5 @@
 //! What cprof reads of other processes from `/proc`: memory maps (to symbolize and to describe
-//! mappings in the pprof), names, and whether the process shares our mount namespace and root.
+//! mappings in the pprof), names, and whether the process shares our mount namespace.
 //! Environment variables and command lines are never read.
 //!
 //! Needs `CAP_SYS_PTRACE` (or the same uid) to read another user's `/proc/<pid>/maps`.
@@ -129,33 +129,35 @@ pub fn identity(pid: u32) -> Option<Identity> {
     Some(Identity { start_ticks, exe })
 }
 
-/// Identifies a root directory: mount namespace and the directory itself (device, inode each).
-pub type RootId = (u64, u64, u64, u64);
+/// Identifies a mount namespace (device and inode of `/proc/<pid>/ns/mnt`).
+pub type RootId = (u64, u64);
 
-/// Root directories held open, shared by the processes that have the same one.
+/// Root directories held open, shared by the processes of the same mount namespace.
+///
+/// The paths in `/proc/<pid>/maps` are written from *our* root when the file is reachable from
+/// it (the target shares our mount namespace: even a `chroot`ed target's paths are host paths),
+/// and from the root of the target's mount namespace otherwise: for a container (which
+/// `pivot_root`s into its image) that is the process's root, `/proc/<pid>/root`. A process that
+/// `chroot`s inside a mount namespace of its own has paths that `/proc/<pid>/root` does not
+/// resolve: its files are counted missing.
 #[derive(Debug, Default)]
 pub struct Roots(std::collections::HashMap<RootId, std::sync::Weak<std::os::fd::OwnedFd>>);
 
 impl Roots {
-    /// The root of the process at `proc_dir`.
+    /// The root the maps paths of the process at `proc_dir` are relative to.
     fn of(&mut self, proc_dir: &Path) -> std::io::Result<Root> {
         use std::os::unix::fs::MetadataExt as _;
         let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
-        let (theirs_ns, theirs_root) = (id(&proc_dir.join("ns/mnt"))?, id(&proc_dir.join("root"))?);
-        let ours = (id(Path::new("/proc/self/ns/mnt")), id(Path::new("/")));
-        if let (Ok(ns), Ok(root)) = ours
-            && ns == theirs_ns
-            && root == theirs_root
-        {
+        let theirs = id(&proc_dir.join("ns/mnt"))?;
+        if id(Path::new("/proc/self/ns/mnt")).is_ok_and(|ours| ours == theirs) {
             return Ok(Root::Ours);
         }
-        let key = (theirs_ns.0, theirs_ns.1, theirs_root.0, theirs_root.1);
-        if let Some(fd) = self.0.get(&key).and_then(std::sync::Weak::upgrade) {
+        if let Some(fd) = self.0.get(&theirs).and_then(std::sync::Weak::upgrade) {
             return Ok(Root::Theirs(fd));
         }
         let fd = Arc::new(crate::target_file::open_root(proc_dir)?);
         self.0.retain(|_, weak| weak.strong_count() > 0);
-        self.0.insert(key, Arc::downgrade(&fd));
+        self.0.insert(theirs, Arc::downgrade(&fd));
         Ok(Root::Theirs(fd))
     }
 }

@@ -7,6 +7,7 @@
 
 mod agent;
 mod bad_input;
+mod hostile;
 mod offcpu;
 mod oncpu;
 mod push;
