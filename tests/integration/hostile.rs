@@ -601,13 +601,13 @@ fn a_reused_pid_is_symbolized_with_its_new_binary() {
     cmd.args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script]);
     let mut agent = crate::agent::Agent::start_command(cmd);
     let agent_pid = agent.pid().to_string();
-    // Runs `binary 1.5` on pid 100 (about 500 samples of path_a or host_marker_a on an idle
+    // Runs `binary 3` on pid 100 (about 1000 samples of path_a or host_marker_a on an idle
     // machine, fewer on a loaded one) of the namespace; returns that pid as the namespace sees it.
     let run_on_pid_100 = |binary: &Path| -> String {
         let out = Command::new("nsenter")
             .args(["--target", &agent_pid, "--pid", "--mount", "sh", "-c"])
             .arg(format!(
-                "echo 99 > /proc/sys/kernel/ns_last_pid; {} 1.5 >/dev/null & echo $!; wait",
+                "echo 99 > /proc/sys/kernel/ns_last_pid; {} 3 >/dev/null & echo $!; wait",
                 binary.display()
             ))
             .output()
