@@ -3,7 +3,9 @@
 //! - [`bpf`]: load and attach the eBPF programs, drain their in-kernel aggregates.
 //! - [`btf`]: field offsets of kernel structs, for programs that read kernel memory.
 //! - [`procfs`]: memory maps and names of target processes.
-//! - [`symbolize`]: one blazesym symbolizer on its own thread.
+//! - [`symbolize`]: one blazesym symbolizer on its own thread; [`target_file`] opens the files
+//!   of target processes without leaving their root, [`elf_vet`] refuses hostile files before
+//!   parsing, [`sigbus`] survives a mapped file truncated under the parser.
 //! - [`symbols`]: the process table and symbol caches of a recording; stacks to pprof locations.
 //! - [`oncpu`], [`offcpu`], [`syscalls`], [`tcp`]: merge drained data and build their output files.
 //! - [`syscall_names`], [`tables`]: syscall and errno names from the kernel's tables.
@@ -21,6 +23,7 @@ pub mod civil;
 pub mod cli;
 pub mod config;
 pub mod container;
+pub mod elf_vet;
 pub mod offcpu;
 pub mod oncpu;
 pub mod output;
@@ -30,10 +33,12 @@ pub mod procfs;
 pub mod push;
 pub mod record;
 pub mod session;
+pub mod sigbus;
 pub mod symbolize;
 pub mod symbols;
 pub mod syscall_names;
 pub mod syscalls;
+pub mod target_file;
 pub mod tcp;
 #[rustfmt::skip]
 pub mod tables;

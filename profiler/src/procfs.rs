@@ -3,8 +3,16 @@
 //! Environment variables and command lines are never read.
 //!
 //! Needs `CAP_SYS_PTRACE` (or the same uid) to read another user's `/proc/<pid>/maps`.
+//!
+//! A process whose main thread has exited (`pthread_exit` in `main`) while others run has an
+//! empty `/proc/<pid>/maps` and no `/proc/<pid>/root` (the kernel reads them through the main
+//! thread, whose memory and file system references are gone): they are read through a live
+//! thread's `/proc/<pid>/task/<tid>/` instead.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::target_file::{FileSpec, Root};
 
 /// One line of `/proc/<pid>/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,6 +21,10 @@ pub struct MapEntry {
     pub end: u64,
     pub offset: u64,
     pub executable: bool,
+    /// Device (encoded as `stat`'s `st_dev`) and inode of the mapped file; 0 for anonymous
+    /// memory.
+    pub dev: u64,
+    pub inode: u64,
     /// The path field: a file (`/usr/lib/...`), a pseudo name (`[vdso]`) or empty.
     pub path: String,
 }
@@ -29,6 +41,12 @@ impl MapEntry {
     pub fn is_deleted(&self) -> bool {
         self.path.ends_with(" (deleted)")
     }
+
+    /// The file's path without the ` (deleted)` mark.
+    #[must_use]
+    pub fn file_path(&self) -> &str {
+        self.path.strip_suffix(" (deleted)").unwrap_or(&self.path)
+    }
 }
 
 /// Parses the text of `/proc/<pid>/maps`. Lines that do not parse are skipped.
@@ -43,14 +61,19 @@ fn parse_maps_line(line: &str) -> Option<MapEntry> {
     let (start, end) = fields.next()?.split_once('-')?;
     let perms = fields.next()?;
     let offset = fields.next()?;
-    let _dev = fields.next()?;
-    let _inode = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode = fields.next()?;
     let path = fields.next().unwrap_or("").trim_start();
     Some(MapEntry {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
         offset: u64::from_str_radix(offset, 16).ok()?,
         executable: perms.as_bytes().get(2) == Some(&b'x'),
+        dev: libc::makedev(
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        ),
+        inode: inode.parse().ok()?,
         path: path.to_owned(),
     })
 }
@@ -64,34 +87,105 @@ pub struct ProcessInfo {
     pub name: String,
     /// Executable mappings, sorted by address.
     pub mappings: Vec<MapEntry>,
-    /// The prefix under which this process's paths are found from our mount namespace:
-    /// empty when it shares our root, `/proc/<pid>/root` otherwise.
-    pub root: PathBuf,
+    /// Where its paths resolve: our root, or its own (held open).
+    pub root: Root,
+    /// `/proc/<pid>`, or `/proc/<pid>/task/<tid>` of a live thread when the main thread exited.
+    pub proc_dir: PathBuf,
+    /// Tells this process from a later one given the same pid (see [`identity`]).
+    pub identity: Identity,
     /// Its cgroup and container, when `/proc/<pid>/cgroup` could be read.
     pub container: Option<crate::container::ContainerIdentity>,
+}
+
+/// What tells a process from a later one with the same pid, or from itself after an `exec`:
+/// its start time (clock ticks after boot, field 22 of `/proc/<pid>/stat`) and its executable's
+/// device and inode (0 when unreadable).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub start_ticks: u64,
+    pub exe: (u64, u64),
+}
+
+impl Identity {
+    /// Whether `other` is the same process: same start time, and the same executable when
+    /// both could be read (a process whose main thread exited has no readable `exe`).
+    #[must_use]
+    pub fn same_process(&self, other: &Identity) -> bool {
+        self.start_ticks == other.start_ticks
+            && (self.exe == other.exe || self.exe == (0, 0) || other.exe == (0, 0))
+    }
+}
+
+/// The [`Identity`] of the process now running as `pid`, if there is one.
+#[must_use]
+pub fn identity(pid: u32) -> Option<Identity> {
+    use std::os::unix::fs::MetadataExt as _;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised comm (which may contain ") "): state is field 3, so the
+    // start time (field 22) is the 20th after it.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let start_ticks = rest.split(' ').nth(19)?.parse().ok()?;
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).map_or((0, 0), |m| (m.dev(), m.ino()));
+    Some(Identity { start_ticks, exe })
+}
+
+/// Identifies a mount namespace (device and inode of `/proc/<pid>/ns/mnt`).
+pub type RootId = (u64, u64);
+
+/// Root directories held open, shared by the processes of the same mount namespace.
+///
+/// The paths in `/proc/<pid>/maps` are written from *our* root when the file is reachable from
+/// it (the target shares our mount namespace: even a `chroot`ed target's paths are host paths),
+/// and from the root of the target's mount namespace otherwise: for a container (which
+/// `pivot_root`s into its image) that is the process's root, `/proc/<pid>/root`. A process that
+/// `chroot`s inside a mount namespace of its own has paths that `/proc/<pid>/root` does not
+/// resolve: its files are counted missing.
+#[derive(Debug, Default)]
+pub struct Roots(std::collections::HashMap<RootId, std::sync::Weak<std::os::fd::OwnedFd>>);
+
+impl Roots {
+    /// The root the maps paths of the process at `proc_dir` are relative to.
+    fn of(&mut self, proc_dir: &Path) -> std::io::Result<Root> {
+        use std::os::unix::fs::MetadataExt as _;
+        let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+        let theirs = id(&proc_dir.join("ns/mnt"))?;
+        if id(Path::new("/proc/self/ns/mnt")).is_ok_and(|ours| ours == theirs) {
+            return Ok(Root::Ours);
+        }
+        if let Some(fd) = self.0.get(&theirs).and_then(std::sync::Weak::upgrade) {
+            return Ok(Root::Theirs(fd));
+        }
+        let fd = Arc::new(crate::target_file::open_root(proc_dir)?);
+        self.0.retain(|_, weak| weak.strong_count() > 0);
+        self.0.insert(theirs, Arc::downgrade(&fd));
+        Ok(Root::Theirs(fd))
+    }
 }
 
 impl ProcessInfo {
     /// Reads a live process. Fails when it is gone or its maps cannot be read.
     pub fn read(pid: u32) -> std::io::Result<Self> {
-        let proc = PathBuf::from(format!("/proc/{pid}"));
-        let maps = std::fs::read_to_string(proc.join("maps"))?;
+        Self::read_with(pid, &mut Roots::default())
+    }
+
+    /// As [`ProcessInfo::read`], sharing open root directories through `roots`.
+    pub fn read_with(pid: u32, roots: &mut Roots) -> std::io::Result<Self> {
+        let identity = identity(pid).unwrap_or_default();
+        let (proc_dir, maps) = live_maps(pid)?;
         let name = read_comm(pid).unwrap_or_default();
         let mut mappings: Vec<_> = parse_maps(&maps)
             .into_iter()
             .filter(|m| m.executable)
             .collect();
         mappings.sort_by_key(|m| m.start);
-        let root = if same_root(&proc.join("root")) {
-            PathBuf::new()
-        } else {
-            proc.join("root")
-        };
+        let root = roots.of(&proc_dir)?;
         Ok(Self {
             pid,
             name,
             mappings,
             root,
+            proc_dir,
+            identity,
             container: crate::container::ContainerIdentity::read(pid).ok(),
         })
     }
@@ -103,15 +197,40 @@ impl ProcessInfo {
         self.mappings[..i].last().filter(|m| address < m.end)
     }
 
-    /// Where the file of `mapping` is found from our mount namespace.
+    /// How to open the file of `mapping`, if it maps a file.
     #[must_use]
-    pub fn host_path(&self, mapping: &MapEntry) -> PathBuf {
-        if self.root.as_os_str().is_empty() {
-            PathBuf::from(&mapping.path)
-        } else {
-            self.root.join(mapping.path.trim_start_matches('/'))
+    pub fn file_spec(&self, mapping: &MapEntry) -> Option<FileSpec> {
+        mapping.is_file().then(|| FileSpec {
+            root: self.root.clone(),
+            path: mapping.file_path().to_owned(),
+            dev: mapping.dev,
+            inode: mapping.inode,
+            pid: self.pid,
+            start: mapping.start,
+            end: mapping.end,
+            deleted: mapping.is_deleted(),
+            proc_dir: self.proc_dir.clone(),
+        })
+    }
+}
+
+/// The maps of `pid`, from `/proc/<pid>` or, when the main thread has exited, from a live
+/// thread's directory; with the directory they came from.
+fn live_maps(pid: u32) -> std::io::Result<(PathBuf, String)> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let maps = std::fs::read_to_string(proc.join("maps"))?;
+    if !maps.is_empty() {
+        return Ok((proc, maps));
+    }
+    for task in std::fs::read_dir(proc.join("task"))?.flatten() {
+        let dir = task.path();
+        if let Ok(maps) = std::fs::read_to_string(dir.join("maps"))
+            && !maps.is_empty()
+        {
+            return Ok((dir, maps));
         }
     }
+    Ok((proc, maps))
 }
 
 /// The thread or process name in `/proc/<pid>/comm`.
@@ -126,36 +245,30 @@ pub fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Whether a process is running: it exists and is not a zombie waiting to be reaped.
+/// Whether a process is running: it exists and is not a zombie waiting to be reaped. A process
+/// whose main thread exited while other threads run is running.
 #[must_use]
 pub fn process_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    match task_running(&proc.join("stat")) {
+        Some(true) => true,
+        None => false,
+        Some(false) => std::fs::read_dir(proc.join("task")).is_ok_and(|tasks| {
+            tasks
+                .flatten()
+                .any(|t| task_running(&t.path().join("stat")) == Some(true))
+        }),
+    }
+}
+
+/// Whether the task of this `stat` file runs (is not a zombie); `None` when it is gone.
+fn task_running(stat: &Path) -> Option<bool> {
+    let stat = std::fs::read_to_string(stat).ok()?;
     // The state follows the parenthesised comm, which may itself contain ')'.
     let state = stat
         .rsplit_once(") ")
         .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, Some('Z' | 'X') | None)
-}
-
-fn same_root(their_root: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    match (std::fs::metadata(their_root), std::fs::metadata("/")) {
-        (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
-        _ => true,
-    }
-}
-
-/// The GNU build id of an ELF file as lowercase hex, if it has one.
-#[must_use]
-pub fn build_id(path: &Path) -> Option<String> {
-    use object::Object as _;
-    let file = std::fs::File::open(path).ok()?;
-    let cache = object::ReadCache::new(file);
-    let elf = object::File::parse(&cache).ok()?;
-    let id = elf.build_id().ok()??;
-    Some(hex(id))
+    Some(!matches!(state, Some('Z' | 'X') | None))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -221,6 +334,8 @@ garbage line
                 end: 0x55d0_c8a0_2000,
                 offset: 0x1000,
                 executable: true,
+                dev: libc::makedev(0xfe, 0x01),
+                inode: 393_232,
                 path: "/usr/bin/demo".into()
             }
         );
@@ -228,6 +343,8 @@ garbage line
         assert_eq!(maps[2].path, "[heap]");
         assert!(!maps[2].is_file());
         assert!(maps[4].is_deleted());
+        assert_eq!(maps[4].file_path(), "/tmp/gone");
+        assert_eq!(maps[2].inode, 0);
         assert_eq!(maps[5].path, "[vdso]");
     }
 
@@ -254,13 +371,17 @@ garbage line
 
     #[test]
     fn reads_ourselves() {
+        use std::os::unix::fs::MetadataExt as _;
         let me = ProcessInfo::read(std::process::id()).unwrap();
-        assert!(me.root.as_os_str().is_empty(), "we share our own root");
+        assert!(matches!(me.root, Root::Ours), "we share our own root");
         let exe = std::env::current_exe().unwrap();
         let main_addr = parses_maps_lines as fn() as usize as u64;
         let m = me.mapping_of(main_addr).expect("our code is mapped");
         assert_eq!(Path::new(&m.path), exe);
-        assert!(build_id(&exe).is_some_and(|id| id.len() >= 16));
+        let meta = std::fs::metadata(&exe).unwrap();
+        assert_eq!((m.dev, m.inode), (meta.dev(), meta.ino()));
+        assert_eq!(Some(me.identity), identity(std::process::id()));
+        assert!(me.identity.start_ticks > 0);
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct RecordReport {
     pub files: Vec<PathBuf>,
     pub stats: ProbeStats,
     pub unsymbolized: u64,
+    /// Files the symbolizer refused, by reason.
+    pub files_refused: crate::symbolize::RefusalCounts,
     pub elapsed: Duration,
     pub stop_reason: &'static str,
     pub cpu: Option<CpuSummary>,
@@ -167,6 +169,11 @@ pub(crate) fn write_profiles(
         "processes gone before their memory maps could be read (frames unsymbolized): {}",
         symbols.stats.processes_unreadable
     ));
+    comments.push(format!(
+        "files refused for symbolization (frames unsymbolized): {} ({})",
+        symbols.stats.files_refused.total(),
+        symbols.stats.files_refused.describe_all()
+    ));
     let time = |mut p: Profile| {
         p.time_nanos = started_wall
             .duration_since(UNIX_EPOCH)
@@ -234,6 +241,7 @@ pub(crate) fn write_profiles(
         files,
         stats,
         unsymbolized,
+        files_refused: symbols.stats.files_refused,
         elapsed,
         stop_reason,
         cpu,
@@ -373,6 +381,11 @@ pub fn summary(report: &RecordReport) -> String {
         tcp_summary(&mut out, tcp, &report.stats);
     }
     let _ = writeln!(out, "\nUnsymbolized addresses: {}", report.unsymbolized);
+    let _ = writeln!(
+        out,
+        "Files refused for symbolization: {}",
+        report.files_refused.describe_nonzero()
+    );
     for file in &report.files {
         let _ = writeln!(out, "Profile: {}", file.display());
     }

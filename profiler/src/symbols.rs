@@ -3,11 +3,11 @@
 //! symbolizer thread, while files are still there), and turning stacks into pprof locations.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 
 use crate::pprof::{FastMap, FrameLine, LabelValue, MappingInfo, PprofBuilder};
-use crate::procfs::{self, ProcessInfo};
-use crate::symbolize::{Batch, Frames, SymbolizerThread};
+use crate::procfs::{self, MapEntry, ProcessInfo, Roots};
+use crate::symbolize::{Batch, Frames, RefusalCounts, SymbolizerThread};
+use crate::target_file::FileSpec;
 
 /// Counts of what could not be resolved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,12 +16,35 @@ pub struct SymbolStats {
     pub unsymbolized: u64,
     /// Processes that were gone before their memory maps could be read.
     pub processes_unreadable: u64,
+    /// Files the symbolizer refused, by reason.
+    pub files_refused: RefusalCounts,
+    /// Known pids found running another process (pid reused, or `exec`): their maps were read
+    /// again.
+    pub processes_replaced: u64,
+}
+
+/// A mapped file: device and inode from the `maps` line, and its path in the process.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    inode: u64,
+    path: String,
+}
+
+impl FileKey {
+    fn of(entry: &MapEntry) -> Self {
+        Self {
+            dev: entry.dev,
+            inode: entry.inode,
+            path: entry.file_path().to_owned(),
+        }
+    }
 }
 
 /// Where a user address lives: the file and the offset in it, as symbolization wants it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct FileAddr {
-    path: PathBuf,
+    file: FileKey,
     offset: u64,
 }
 
@@ -39,6 +62,10 @@ pub struct Symbols {
     processes: HashMap<u32, Option<ProcessInfo>>,
     user: HashMap<FileAddr, Frames>,
     kernel: HashMap<u64, Frames>,
+    /// GNU build ids of the files symbolized, as the symbolizer read them.
+    build_ids: HashMap<FileKey, String>,
+    /// Root directories of processes with their own, held open.
+    roots: Roots,
     /// Processes found exited by the last [`Symbols::forget_exited`].
     exited: HashSet<u32>,
     pub stats: SymbolStats,
@@ -69,11 +96,37 @@ impl Symbols {
         if self.processes.contains_key(&pid) {
             return;
         }
-        let info = ProcessInfo::read(pid).ok();
+        let info = ProcessInfo::read_with(pid, &mut self.roots).ok();
         if info.is_none() {
             self.stats.processes_unreadable += 1;
         }
         self.processes.insert(pid, info);
+    }
+
+    /// As [`Symbols::remember_process`], and reads a known pid again when another process now
+    /// runs under it (the pid was reused, or the process called `exec`): its new samples are
+    /// symbolized with its own maps. Samples merged earlier under that pid in the same window
+    /// are written with the new maps too (they carry only the pid).
+    fn refresh_process(&mut self, pid: u32) {
+        let Some(Some(known)) = self.processes.get(&pid) else {
+            self.remember_process(pid);
+            return;
+        };
+        let Some(now) = procfs::identity(pid) else {
+            return;
+        };
+        if known.identity.same_process(&now) {
+            return;
+        }
+        if let Ok(info) = ProcessInfo::read_with(pid, &mut self.roots) {
+            tracing::debug!(
+                pid,
+                "another process runs under a known pid: maps read again"
+            );
+            self.stats.processes_replaced += 1;
+            self.exited.remove(&pid);
+            self.processes.insert(pid, Some(info));
+        }
     }
 
     /// The name of process `pid`, if it was read.
@@ -112,18 +165,14 @@ impl Symbols {
             .copied()
             .filter(|&pid| !procfs::process_alive(pid))
             .collect();
-        let in_use: HashSet<PathBuf> = self
+        let in_use: HashSet<FileKey> = self
             .processes
             .values()
             .flatten()
-            .flat_map(|p| {
-                p.mappings
-                    .iter()
-                    .filter(|m| m.is_file())
-                    .map(move |m| p.host_path(m))
-            })
+            .flat_map(|p| p.mappings.iter().filter(|m| m.is_file()).map(FileKey::of))
             .collect();
-        self.user.retain(|fa, _| in_use.contains(&fa.path));
+        self.user.retain(|fa, _| in_use.contains(&fa.file));
+        self.build_ids.retain(|file, _| in_use.contains(file));
         // Kernel addresses do not die with processes; only a runaway variety is cut.
         if self.kernel.len() > KERNEL_CACHE_MAX {
             self.kernel.clear();
@@ -152,10 +201,14 @@ impl Symbols {
         stacks: impl IntoIterator<Item = Stack<'a>>,
         symbolizer: &SymbolizerThread,
     ) {
-        let mut new_user: HashMap<PathBuf, HashSet<u64>> = HashMap::new();
+        let stacks: Vec<Stack<'a>> = stacks.into_iter().collect();
+        let pids: HashSet<u32> = stacks.iter().map(|s| s.pid).collect();
+        for pid in pids {
+            self.refresh_process(pid);
+        }
+        let mut new_user: HashMap<FileKey, (FileSpec, HashSet<u64>)> = HashMap::new();
         let mut new_kernel: HashSet<u64> = HashSet::new();
-        for stack in stacks {
-            self.remember_process(stack.pid);
+        for stack in &stacks {
             for (i, &addr) in stack.kernel.unwrap_or_default().iter().enumerate() {
                 let addr = lookup_addr(addr, i == 0);
                 if !self.kernel.contains_key(&addr) {
@@ -166,10 +219,17 @@ impl Symbols {
                 continue;
             };
             for (i, &addr) in stack.user.unwrap_or_default().iter().enumerate() {
-                if let Some(fa) = file_addr(info, lookup_addr(addr, user_precise(i, &stack)))
+                let addr = lookup_addr(addr, user_precise(i, stack));
+                if let Some(fa) = file_addr(info, addr)
                     && !self.user.contains_key(&fa)
+                    && let Some(entry) = info.mapping_of(addr)
+                    && let Some(spec) = info.file_spec(entry)
                 {
-                    new_user.entry(fa.path).or_default().insert(fa.offset);
+                    new_user
+                        .entry(fa.file)
+                        .or_insert_with(|| (spec, HashSet::new()))
+                        .1
+                        .insert(fa.offset);
                 }
             }
         }
@@ -178,18 +238,30 @@ impl Symbols {
         }
         let batch = Batch {
             files: new_user
-                .into_iter()
-                .map(|(path, offsets)| (path, offsets.into_iter().collect()))
+                .into_values()
+                .map(|(spec, offsets)| (spec, offsets.into_iter().collect()))
                 .collect(),
             kernel: new_kernel.into_iter().collect(),
         };
         let (batch, resolved) = symbolizer.symbolize(batch).await;
-        for ((path, offsets), frames) in batch.files.into_iter().zip(resolved.files) {
-            for (offset, frames) in offsets.into_iter().zip(frames) {
-                self.stats.unsymbolized += u64::from(frames.is_empty());
-                let path = path.clone();
-                self.user.insert(FileAddr { path, offset }, frames);
+        for ((spec, offsets), answer) in batch.files.into_iter().zip(resolved.files) {
+            let file = FileKey {
+                dev: spec.dev,
+                inode: spec.inode,
+                path: spec.path,
+            };
+            if let Some(id) = answer.build_id {
+                self.build_ids.insert(file.clone(), id);
             }
+            for (offset, frames) in offsets.into_iter().zip(answer.frames) {
+                self.stats.unsymbolized += u64::from(frames.is_empty());
+                let file = file.clone();
+                self.user.insert(FileAddr { file, offset }, frames);
+            }
+        }
+        // Counts since the symbolizer started (a dead symbolizer answers zeros: keep ours).
+        if resolved.refused.total() >= self.stats.files_refused.total() {
+            self.stats.files_refused = resolved.refused;
         }
         for (addr, frames) in batch.kernel.into_iter().zip(resolved.kernel) {
             self.stats.unsymbolized += u64::from(frames.is_empty());
@@ -217,14 +289,15 @@ fn is_interrupt_frame(function: &str) -> bool {
         || function == "__irq_exit_rcu"
 }
 
-/// The file and file offset of `addr` in `info`'s executable mappings.
+/// The file and file offset of `addr` in `info`'s executable mappings. A file deleted since it
+/// was mapped is still a file (opened through `/proc/<pid>/map_files` while the process lives).
 fn file_addr(info: &ProcessInfo, addr: u64) -> Option<FileAddr> {
     let entry = info.mapping_of(addr)?;
-    if !entry.is_file() || entry.is_deleted() {
+    if !entry.is_file() {
         return None;
     }
     Some(FileAddr {
-        path: info.host_path(entry),
+        file: FileKey::of(entry),
         offset: addr - entry.start + entry.offset,
     })
 }
@@ -235,7 +308,6 @@ pub struct StackWriter<'s> {
     symbols: &'s Symbols,
     kernel_mapping: Option<u64>,
     mappings: HashMap<(u32, u64), u64>,
-    build_ids: HashMap<PathBuf, String>,
     /// Location ids of the user addresses written so far, by (pid, address). The builder keys
     /// locations by (mapping, address) and keeps the frames given first, and an address's mapping
     /// is fixed for a process, so a repeated address gets the same id: this only skips looking
@@ -276,7 +348,6 @@ impl<'s> StackWriter<'s> {
             symbols,
             kernel_mapping: None,
             mappings: HashMap::new(),
-            build_ids: HashMap::new(),
             user_locations: FastMap::default(),
         }
     }
@@ -331,7 +402,7 @@ impl<'s> StackWriter<'s> {
             let found = info.and_then(|info| info.mapping_of(addr).map(|entry| (info, entry)));
             let (mapping, frames) = match found {
                 Some((info, entry)) => {
-                    let mapping = self.user_mapping(stack.pid, info, entry);
+                    let mapping = self.user_mapping(stack.pid, entry);
                     let frames = file_addr(info, lookup_addr(addr, user_precise(i, stack)))
                         .and_then(|fa| self.symbols.user.get(&fa))
                         .map_or(&[][..], Vec::as_slice);
@@ -362,16 +433,17 @@ impl<'s> StackWriter<'s> {
         id
     }
 
-    fn user_mapping(&mut self, pid: u32, info: &ProcessInfo, entry: &procfs::MapEntry) -> u64 {
+    fn user_mapping(&mut self, pid: u32, entry: &MapEntry) -> u64 {
         if let Some(&id) = self.mappings.get(&(pid, entry.start)) {
             return id;
         }
-        let host = info.host_path(entry);
+        // Read by the symbolizer from the file it vetted: nothing is opened here.
         let build_id = self
+            .symbols
             .build_ids
-            .entry(host.clone())
-            .or_insert_with(|| procfs::build_id(&host).unwrap_or_default())
-            .clone();
+            .get(&FileKey::of(entry))
+            .cloned()
+            .unwrap_or_default();
         let id = self.builder.add_mapping(&MappingInfo {
             memory_start: entry.start,
             memory_limit: entry.end,
@@ -438,15 +510,20 @@ mod tests {
                     end: 0x2000,
                     offset: 0,
                     executable: true,
+                    dev: 1,
+                    inode: 2,
                     path: path.into(),
                 }],
-                root: PathBuf::new(),
-                container: None,
+                ..ProcessInfo::default()
             }),
         );
         let mut frames = |offset: u64, name: &str| {
             let fa = FileAddr {
-                path: path.into(),
+                file: FileKey {
+                    dev: 1,
+                    inode: 2,
+                    path: path.into(),
+                },
                 offset,
             };
             symbols.user.insert(fa, vec![FrameLine::named(name)]);

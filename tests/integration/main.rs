@@ -7,6 +7,7 @@
 
 mod agent;
 mod bad_input;
+mod hostile;
 mod lost;
 mod offcpu;
 mod oncpu;

@@ -155,7 +155,7 @@ fn attributes_a_known_call_tree_70_30() {
         .unwrap_or_else(|| panic!("a mapping for {}", exe.display()));
     assert_eq!(
         p.str(mapping.build_id),
-        cprof::procfs::build_id(&exe).unwrap()
+        cprof::elf_vet::build_id_of(&exe).unwrap()
     );
     assert!(mapping.memory_start < mapping.memory_limit);
     assert!(mapping.has_functions && mapping.has_line_numbers && mapping.has_inline_frames);

@@ -179,6 +179,9 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         ("ip", "iproute2"),
         ("promtool", "prometheus"),
         ("protoc", "protobuf-compiler"),
+        // tests/integration/hostile.rs: damaging ELF files, entering a target's namespaces.
+        ("objcopy", "binutils"),
+        ("nsenter", "util-linux"),
     ])?;
     let mut cmd = cargo();
     cmd.args([

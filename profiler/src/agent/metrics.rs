@@ -66,6 +66,7 @@ struct State {
     probe: ProbeStats,
     unsymbolized: u64,
     processes_unreadable: u64,
+    files_refused: crate::symbolize::RefusalCounts,
     windows_written: u64,
     window_failures: u64,
     push: crate::push::PushStats,
@@ -148,6 +149,7 @@ impl Metrics {
             s.probe = health.probe;
             s.unsymbolized = health.unsymbolized;
             s.processes_unreadable = health.processes_unreadable;
+            s.files_refused = health.files_refused;
             s.programs = health.programs;
             s.symbol_cache = health.symbol_cache;
             s.push = health.push;
@@ -177,6 +179,7 @@ pub struct Health {
     pub probe: ProbeStats,
     pub unsymbolized: u64,
     pub processes_unreadable: u64,
+    pub files_refused: crate::symbolize::RefusalCounts,
     pub programs: BTreeMap<String, (Duration, u64)>,
     /// Processes, user addresses and kernel addresses in the symbol caches.
     pub symbol_cache: (usize, usize, usize),
@@ -365,6 +368,19 @@ fn health(out: &mut String, s: &State) {
         "Processes gone before their memory maps could be read (their frames stay unsymbolized).",
         s.processes_unreadable,
     );
+    header(
+        out,
+        "cprof_symbolization_files_refused_total",
+        "counter",
+        "Files the symbolizer refused to parse, by reason (their frames stay unsymbolized).",
+    );
+    for (reason, n) in s.files_refused.iter() {
+        let _ = writeln!(
+            out,
+            "cprof_symbolization_files_refused_total{{reason=\"{}\"}} {n}",
+            reason.name()
+        );
+    }
     counter(
         out,
         "cprof_windows_written_total",

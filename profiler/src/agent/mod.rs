@@ -173,6 +173,7 @@ impl Agent<'_> {
             probe: self.session.probes.stats()?,
             unsymbolized: symbols.stats.unsymbolized,
             processes_unreadable: symbols.stats.processes_unreadable,
+            files_refused: symbols.stats.files_refused,
             programs: self.session.probes.program_stats(),
             symbol_cache: symbols.cache_sizes(),
             push: self.pusher.as_ref().map(Pusher::stats).unwrap_or_default(),
