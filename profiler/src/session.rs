@@ -56,6 +56,7 @@ impl Session {
         pid_namespace: Option<(u64, u64)>,
     ) -> anyhow::Result<Self> {
         raise_memlock_limit();
+        raise_open_files_limit();
         let mut symbols = Symbols::default();
         for &pid in config.pids.iter().flatten() {
             symbols.remember_process(pid);
@@ -189,6 +190,31 @@ fn raise_memlock_limit() {
             "could not raise RLIMIT_MEMLOCK ({}); fine on Linux 5.11+",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// The symbolizer holds two descriptors per parsed file (up to 1024 files): raise the soft limit
+/// on open files to the hard one (commonly 1024 soft, 524288 hard), up to 65536.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or fill the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) != 0 {
+            return;
+        }
+        let wanted = limit.rlim_max.min(65_536);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                tracing::debug!(
+                    "could not raise RLIMIT_NOFILE ({})",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 }
 

@@ -50,7 +50,7 @@ pub const MAX_SNAPSHOT_BYTES: u64 = 512 << 20;
 /// Snapshot bytes held at once; past this, every parsed file is forgotten first.
 pub const SNAPSHOT_BUDGET_BYTES: u64 = 1 << 30;
 /// Files held open (with their parsed data) at once; past this, every parsed file is forgotten.
-const MAX_OPEN_FILES: usize = 4096;
+const MAX_OPEN_FILES: usize = 1024;
 /// Refused files remembered; past this, the memory starts afresh (counts are kept).
 const MAX_REMEMBERED_REFUSALS: usize = 100_000;
 
