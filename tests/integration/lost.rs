@@ -153,10 +153,12 @@ fn tcp_events_add_up_when_the_ring_buffer_is_too_small() {
     );
     assert_eq!(file_full, sent_full, "every event sent reaches the file");
     assert!(lost > 0, "one page cannot hold the burst:\n{summary}");
-    assert_eq!(
-        sent + lost,
-        sent_full,
-        "the same workload, the same number of events"
+    // The same workload makes the same events, but the last few state changes of its sockets
+    // can come after the recording has stopped (it ends at the first drain after the target
+    // exited): allow 0.1%.
+    assert!(
+        (sent + lost).abs_diff(sent_full) <= sent_full / 1000,
+        "the same workload, the same number of events: {sent} + {lost} vs {sent_full}"
     );
     assert_eq!(file, sent, "every event sent reaches the file");
 }
