@@ -25,8 +25,12 @@ pub mod maps {
     pub const STACKS_A: &str = "STACKS_A";
     /// Stack traces referenced by `COUNTS_B`.
     pub const STACKS_B: &str = "STACKS_B";
-    /// Which buffer the programs write to: one `u32`, 0 for A, 1 for B.
+    /// Control words for the programs, `u32`s: at index 0 which buffer they write to (0 for A,
+    /// 1 for B); at [`OFFCPU_PAUSED`] nonzero while userspace resets `OFFCPU_STACKS`.
     pub const ACTIVE_BUFFER: &str = "ACTIVE_BUFFER";
+    /// Index in `ACTIVE_BUFFER`: off-CPU programs stand still (no new waits, ending waits are
+    /// discarded) while nonzero.
+    pub const OFFCPU_PAUSED: u32 = 1;
     /// Processes (tgids) to record when `FILTER_PIDS` has [`super::filter::PIDS`]: `u32` -> `u8`.
     pub const TARGET_PIDS: &str = "TARGET_PIDS";
     /// cgroup v2 ids (the directories' inode numbers) whose processes are recorded when
@@ -133,7 +137,7 @@ pub mod globals {
 
 /// Indices into the per-CPU `STATS` array. Every way a sample can end is counted, so that
 /// `SAMPLES_SEEN == IDLE + FILTERED + RECORDED + DROPPED_COUNTS_FULL` holds, and likewise
-/// `OFFCPU_STARTS == OFFCPU_ENDS + OFFCPU_REPLACED + evicted + still waiting` and
+/// `OFFCPU_STARTS == OFFCPU_ENDS + OFFCPU_REPLACED + OFFCPU_DISCARDED + evicted + still waiting` and
 /// `OFFCPU_ENDS == OFFCPU_RECORDED + OFFCPU_SHORT + OFFCPU_DROPPED_FULL`.
 pub mod stat {
     /// `perf_event` samples the program ran for.
@@ -196,8 +200,13 @@ pub mod stat {
     pub const TCP_EVENTS_LOST: u32 = 28;
     /// Sockets not tracked: the socket map was full.
     pub const TCP_SOCKS_FULL: u32 = 29;
+    /// Waits dropped by a reset of the off-CPU stack map: ended while it ran, or pending when
+    /// it ran (those userspace adds when it reports the counters).
+    pub const OFFCPU_DISCARDED: u32 = 30;
+    /// Resets of the off-CPU stack map (counted by userspace, which runs them).
+    pub const OFFCPU_STACK_RESETS: u32 = 31;
     /// Number of counters.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 32;
 }
 
 /// Key of the in-kernel on-CPU aggregate: one entry per distinct thread and pair of stacks.

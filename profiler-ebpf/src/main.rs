@@ -51,7 +51,7 @@ static PIDNS_DEV: Global<u64> = Global::new(0);
 static PIDNS_INO: Global<u64> = Global::new(0);
 
 #[map]
-static ACTIVE_BUFFER: Array<u32> = Array::with_max_entries(1, 0);
+static ACTIVE_BUFFER: Array<u32> = Array::with_max_entries(2, 0);
 #[map]
 static TARGET_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(m::TARGET_PIDS_MAX_ENTRIES, 0);
 #[map]
@@ -106,6 +106,14 @@ pub(crate) fn current_ids() -> Option<(u32, u32)> {
 #[inline(always)]
 pub(crate) fn use_buffer_b() -> bool {
     ACTIVE_BUFFER.get(0).is_some_and(|active| *active != 0)
+}
+
+/// Whether userspace is resetting the off-CPU stack map.
+#[inline(always)]
+pub(crate) fn offcpu_paused() -> bool {
+    ACTIVE_BUFFER
+        .get(m::OFFCPU_PAUSED)
+        .is_some_and(|paused| *paused != 0)
 }
 
 /// Adds one to a per-CPU counter.

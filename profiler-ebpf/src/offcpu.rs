@@ -27,7 +27,7 @@ use profiler_common::{
     NO_STACK, OffCpuKey, OffCpuStart, OffCpuValue, TASK_COMM_LEN, maps as m, stat, task_state,
 };
 
-use crate::{EEXIST, ENOMEM, bump, current_ids, is_target, use_buffer_b};
+use crate::{EEXIST, ENOMEM, bump, current_ids, is_target, offcpu_paused, use_buffer_b};
 
 /// Set by the loader from the kernel's BTF.
 #[unsafe(no_mangle)]
@@ -55,6 +55,15 @@ pub fn on_sched_switch(ctx: BtfTracePointContext) -> u32 {
     let preempt: u64 = ctx.arg(0);
     let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
+    if offcpu_paused() {
+        // The stack map is being cleared: a wait ending now may hold ids about to vanish.
+        if let Some(tid) = task_pid(next)
+            && OFFCPU_START.remove(tid).is_ok()
+        {
+            bump(stat::OFFCPU_DISCARDED);
+        }
+        return 0;
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     switch_out(&ctx, preempt & 1 != 0, prev_state as u32, now);
     if let Some(tid) = task_pid(next) {
@@ -67,6 +76,9 @@ pub fn on_sched_switch(ctx: BtfTracePointContext) -> u32 {
 pub fn on_sched_waking(ctx: BtfTracePointContext) -> u32 {
     // TP_PROTO(struct task_struct *p)
     let wakee: *const u8 = ctx.arg(0);
+    if offcpu_paused() {
+        return 0;
+    }
     if let Some(tid) = task_pid(wakee) {
         record_waker(&ctx, tid);
     }

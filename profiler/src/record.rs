@@ -139,10 +139,13 @@ pub(crate) struct Outcome {
 }
 
 /// The kernel does not say when an LRU map evicts: what started and neither ended, nor was
-/// replaced, nor is still there, was evicted.
+/// replaced, nor was dropped by a stack map reset, nor is still there, was evicted.
 fn evicted_starts(stats: &ProbeStats, still_waiting: u64) -> u64 {
     stats.get(stat::OFFCPU_STARTS).saturating_sub(
-        stats.get(stat::OFFCPU_ENDS) + stats.get(stat::OFFCPU_REPLACED) + still_waiting,
+        stats.get(stat::OFFCPU_ENDS)
+            + stats.get(stat::OFFCPU_REPLACED)
+            + stats.get(stat::OFFCPU_DISCARDED)
+            + still_waiting,
     )
 }
 
@@ -326,9 +329,11 @@ fn comments(
             still_waiting,
         ));
         lines.push(format!(
-            "off-CPU stacks lost: {} map full, {} collisions; wakers recorded {}; starts replaced (switch-in missed) {}; task reads failed {}",
+            "off-CPU stacks lost: {} map full, {} collisions; stack map resets {} (waits dropped {}); wakers recorded {}; starts replaced (switch-in missed) {}; task reads failed {}",
             stats.get(stat::OFFCPU_STACK_MAP_FULL),
             stats.get(stat::OFFCPU_STACK_COLLISION),
+            stats.get(stat::OFFCPU_STACK_RESETS),
+            stats.get(stat::OFFCPU_DISCARDED),
             stats.get(stat::OFFCPU_WAKERS),
             stats.get(stat::OFFCPU_REPLACED),
             stats.get(stat::OFFCPU_READ_ERRORS),
@@ -446,11 +451,12 @@ fn offcpu_summary(out: &mut String, off: &OffCpuSummary, s: &ProbeStats) {
     use std::fmt::Write as _;
     let _ = writeln!(
         out,
-        "\nOff-CPU: {:.3} s waited in {} waits. Lost waits: {} (map full), {} (start map full); lost stacks: {}",
+        "\nOff-CPU: {:.3} s waited in {} waits. Lost waits: {} (map full), {} (start map full), {} (stack map resets); lost stacks: {}",
         off.total_ns as f64 / 1e9,
         off.waits,
         s.get(stat::OFFCPU_DROPPED_FULL),
         off.evicted,
+        s.get(stat::OFFCPU_DISCARDED),
         s.get(stat::OFFCPU_STACK_MAP_FULL) + s.get(stat::OFFCPU_STACK_COLLISION),
     );
     if off.waits > 0 {

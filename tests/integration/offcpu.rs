@@ -227,3 +227,50 @@ fn short_lived_threads_do_not_grow_maps() {
         }
     }
 }
+
+/// 65536 waits, each from a user stack of its own (as on a host where processes come and go):
+/// the off-CPU stack map, never cleared otherwise, is reset once a quarter full, so new stacks
+/// keep being captured instead of all colliding once it is full. Without resets at most 16384
+/// of them (the map's size) could be kept: a quarter of the waits.
+#[test]
+fn a_filling_stack_map_is_reset_and_stacks_keep_coming() {
+    util::require_root();
+    let mut w = PausedWorkload::start("manywaits", &["16", "1"]);
+    let dir = util::out_dir("offcpu-manywaits");
+    let pid = w.pid().to_string();
+    let rec = Recording::start(&["--pid", &pid, "--event", "offcpu"], &dir);
+    w.go();
+    let waits = util::measured(&w.finish(), "waits");
+    let summary = rec.wait(Duration::from_secs(30));
+    let p = util::read_named_profile(&dir, "offcpu.pb.gz");
+    let line = util::comment(&p, "off-CPU stacks lost:");
+    let collisions = util::number_after(line, "full, ");
+    let resets = util::number_after(line, "stack map resets ");
+    let dropped = util::number_after(line, "(waits dropped ");
+    let recorded = util::number_after(util::comment(&p, "off-CPU waits:"), "recorded ");
+    // The frame of wait_here itself is skipped by the frame-pointer walk (libc's nanosleep keeps
+    // no frame pointer): its callers, left and right, are on the captured stacks.
+    let with_stack = util::samples_where(&p, |s| {
+        util::on_stack(&p, s, "left") || util::on_stack(&p, s, "right")
+    });
+    let total: i64 = p.sample.iter().map(|s| s.value[0]).sum();
+    eprintln!(
+        "stack map resets: {waits} waits, {recorded} recorded, {resets} resets dropping {dropped} \
+         pending waits, {collisions} stacks (user and wakers') lost to collisions; waits with their user stack {with_stack} of {total}"
+    );
+    assert_eq!(waits, 65_536);
+    assert!(
+        resets >= 2,
+        "65536 distinct stacks fill a 16384 map: {line}"
+    );
+    assert!(
+        dropped <= 2 * resets,
+        "one thread: at most its own pending wait per reset"
+    );
+    // A 1 us sleep whose timer fires before the thread is switched out is no wait at all.
+    assert!(recorded + dropped >= waits * 9 / 10, "{summary}");
+    assert!(
+        with_stack * 10 > total * 3,
+        "more than the quarter a never-cleared map could keep: {with_stack} of {total}: {line}"
+    );
+}

@@ -316,6 +316,7 @@ fn health(out: &mut String, s: &State) {
         ("syscall_slow_stack_lost", stat::SYSCALL_SLOW_DROPPED),
         ("tcp_ring_buffer_full", stat::TCP_EVENTS_LOST),
         ("tcp_socket_map_full", stat::TCP_SOCKS_FULL),
+        ("offcpu_stack_map_reset", stat::OFFCPU_DISCARDED),
     ] {
         let _ = writeln!(
             out,
@@ -516,6 +517,8 @@ fn stat_name(index: u32) -> &'static str {
         "tcp_events_sent",
         "tcp_events_lost",
         "tcp_socks_full",
+        "offcpu_discarded",
+        "offcpu_stack_resets",
     ];
     NAMES.get(index as usize).copied().unwrap_or("unknown")
 }

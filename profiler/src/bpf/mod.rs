@@ -179,6 +179,15 @@ impl StackCache {
             })
             .clone()
     }
+
+    /// Stack ids read so far.
+    pub(crate) fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.cache.clear();
+    }
 }
 
 /// One drain's view of a double-buffered stack map.
@@ -342,6 +351,19 @@ impl Probes {
     /// Points the programs at the other buffer. Wait for in-flight programs (a few ms is ample:
     /// they run for microseconds) before draining.
     pub fn flip(&mut self) -> Result<(), BpfError> {
+        if let Some(offcpu) = &mut self.offcpu
+            && offcpu.reset_due
+        {
+            // Pause the off-CPU programs first: the drain after this flip then holds every
+            // wait that refers to the stacks about to be cleared.
+            self.active_buffer
+                .set(m::OFFCPU_PAUSED, 1, 0)
+                .map_err(|source| BpfError::Map {
+                    name: m::ACTIVE_BUFFER,
+                    source,
+                })?;
+            offcpu.paused = true;
+        }
         let next = 1 - self.active;
         self.active_buffer
             .set(0, next, 0)
@@ -369,6 +391,16 @@ impl Probes {
         }
         if let Some(offcpu) = &mut self.offcpu {
             drained.waits = offcpu.drain(idle)?;
+            if offcpu.paused {
+                offcpu.reset();
+                offcpu.paused = false;
+                self.active_buffer
+                    .set(m::OFFCPU_PAUSED, 0, 0)
+                    .map_err(|source| BpfError::Map {
+                        name: m::ACTIVE_BUFFER,
+                        source,
+                    })?;
+            }
         }
         if let Some(tcp) = &mut self.tcp {
             drained.tcp = tcp.drain();
@@ -440,6 +472,10 @@ impl Probes {
                     source,
                 })?;
             *total = values.iter().sum();
+        }
+        if let Some(offcpu) = &self.offcpu {
+            stats.counters[stat::OFFCPU_DISCARDED as usize] += offcpu.discarded;
+            stats.counters[stat::OFFCPU_STACK_RESETS as usize] = offcpu.resets;
         }
         Ok(stats)
     }

@@ -43,7 +43,19 @@ pub(super) struct OffCpu {
     starts: HashMap<MapData, u32, OffCpuStart>,
     /// Stack ids are never reused while the map is not cleared: read each one once.
     stack_cache: super::StackCache,
+    /// The stack map is cleared at the next drain (it is getting full).
+    pub(super) reset_due: bool,
+    /// The programs are paused for that reset.
+    pub(super) paused: bool,
+    /// Pending waits dropped by resets.
+    pub(super) discarded: u64,
+    pub(super) resets: u64,
 }
+
+/// The stack map is reset once this many distinct stacks were read from it: it is never cleared
+/// otherwise (a wait can outlive any drain), and a host where processes come and go fills it.
+/// A quarter full keeps hash collisions (a new stack lost to a taken bucket) under one in four.
+const RESET_AT_STACKS: usize = m::OFFCPU_STACKS_MAX_ENTRIES as usize / 4;
 
 impl OffCpu {
     pub(super) fn attach(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
@@ -52,6 +64,10 @@ impl OffCpu {
             stacks: take_map(ebpf, m::OFFCPU_STACKS)?,
             starts: take_map(ebpf, m::OFFCPU_START)?,
             stack_cache: super::StackCache::default(),
+            reset_due: false,
+            paused: false,
+            discarded: 0,
+            resets: 0,
         };
         super::attach_btf_tracepoints(ebpf, &PROGRAMS)?;
         Ok(off_cpu)
@@ -102,6 +118,29 @@ impl OffCpu {
         for (key, _) in &entries {
             let _ = self.waits[idle].remove(key);
         }
+        self.reset_due = self.stack_cache.len() >= RESET_AT_STACKS;
         Ok(waits)
+    }
+
+    /// Clears the stack map, the waits still pending (their stack ids would dangle) and the
+    /// cache of stacks read. The programs are paused and every recorded wait was drained.
+    pub(super) fn reset(&mut self) {
+        let pending: Vec<u32> = self.starts.keys().flatten().collect();
+        let discarded = pending
+            .iter()
+            .filter(|tid| self.starts.remove(tid).is_ok())
+            .count() as u64;
+        let ids: Vec<u32> = self.stacks.stack_ids().flatten().collect();
+        for id in &ids {
+            let _ = self.stacks.remove(id);
+        }
+        tracing::info!(
+            "off-CPU stack map reset: {} stacks cleared, {discarded} pending waits dropped",
+            ids.len()
+        );
+        self.discarded += discarded;
+        self.resets += 1;
+        self.stack_cache.clear();
+        self.reset_due = false;
     }
 }
