@@ -11,13 +11,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::bpf::ProbeStats;
 use crate::config::RecordConfig;
+use crate::output::{self, OutputDir};
 use crate::pprof::{self, Profile, ProfileExt as _};
+use crate::procfs;
 use crate::session::{Profiles, Session, TCP_RING_INTERVAL, check_privileges};
 use crate::symbols::Symbols;
 use crate::syscalls::SyscallRow;
 use crate::tcp::RemoteStats;
 use crate::top::{TopFunction, TopStack, top_functions, top_stacks};
-use crate::{output, procfs};
 
 /// What a recording produced, for the summary and for callers.
 #[derive(Debug)]
@@ -63,7 +64,7 @@ pub struct OffCpuSummary {
 
 pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     check_privileges()?;
-    output::prepare_dir(&config.output_dir)?;
+    let out = output::prepare_dir(&config.output_dir)?;
     let mut rec = Session::start(config, false)?;
 
     let started_wall = SystemTime::now();
@@ -122,7 +123,7 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
         stats,
         still_waiting,
     };
-    write_profiles(config, &rec.symbols, &rec.profiles, &outcome, "")
+    write_profiles(config, &out, &rec.symbols, &rec.profiles, &outcome, "")
 }
 
 /// How a recording (or a window) ended: what the files and the summary report.
@@ -144,10 +145,11 @@ fn evicted_starts(stats: &ProbeStats, still_waiting: u64) -> u64 {
     )
 }
 
-/// Writes every requested signal's files into `config.output_dir`, each name with `suffix`
-/// before its extension (`cpu{suffix}.pb.gz`).
+/// Writes every requested signal's files into `out`, each name with `suffix` before its
+/// extension (`cpu{suffix}.pb.gz`).
 pub(crate) fn write_profiles(
     config: &RecordConfig,
+    out: &OutputDir,
     symbols: &Symbols,
     rec: &Profiles,
     outcome: &Outcome,
@@ -164,7 +166,7 @@ pub(crate) fn write_profiles(
     let unsymbolized = symbols.stats.unsymbolized;
     let mut comments = comments(config, &stats, unsymbolized, evicted, still_waiting);
     comments.push(format!(
-        "processes gone before their memory maps could be read (frames unsymbolized): {}",
+        "processes whose memory maps could not be read (gone, or closed to us: frames unsymbolized): {}",
         symbols.stats.processes_unreadable
     ));
     let time = |mut p: Profile| {
@@ -176,9 +178,7 @@ pub(crate) fn write_profiles(
     };
     let mut files = Vec::new();
     let write = |files: &mut Vec<PathBuf>, name: &str, profile: &Profile| -> anyhow::Result<()> {
-        let path = config.output_dir.join(with_suffix(name, suffix));
-        output::write_atomic(&path, &pprof::encode_gzip(profile))?;
-        files.push(path);
+        files.push(out.write_atomic(&with_suffix(name, suffix), &pprof::encode_gzip(profile))?);
         Ok(())
     };
     let mut cpu = None;
@@ -217,7 +217,7 @@ pub(crate) fn write_profiles(
     let syscall = if config.events.syscall {
         let profile = time(rec.syscalls.to_pprof(symbols, &comments));
         Some(write_syscalls(
-            config, symbols, rec, &stats, elapsed, &profile, suffix, &mut files,
+            config, out, symbols, rec, &stats, elapsed, &profile, suffix, &mut files,
         )?)
     } else {
         None
@@ -225,7 +225,7 @@ pub(crate) fn write_profiles(
     let tcp = if config.events.tcp {
         let profile = time(rec.tcp.to_pprof(symbols, &comments));
         Some(write_tcp(
-            config, rec, &stats, &profile, suffix, &mut files,
+            config, out, rec, &stats, &profile, suffix, &mut files,
         )?)
     } else {
         None
@@ -534,6 +534,7 @@ fn syscall_summary(out: &mut String, sys: &SyscallSummary, s: &ProbeStats) {
 )]
 fn write_syscalls(
     config: &RecordConfig,
+    out: &OutputDir,
     symbols: &Symbols,
     rec: &Profiles,
     stats: &ProbeStats,
@@ -550,14 +551,14 @@ fn write_syscalls(
     let json = rec
         .syscalls
         .to_json(symbols, elapsed.as_nanos() as u64, &dropped);
-    let path = config
-        .output_dir
-        .join(with_suffix("syscall-latency.json", suffix));
-    output::write_atomic(&path, json.as_bytes())?;
-    files.push(path);
-    let path = config.output_dir.join(with_suffix("syscall.pb.gz", suffix));
-    output::write_atomic(&path, &pprof::encode_gzip(profile))?;
-    files.push(path);
+    files.push(out.write_atomic(
+        &with_suffix("syscall-latency.json", suffix),
+        json.as_bytes(),
+    )?);
+    files.push(out.write_atomic(
+        &with_suffix("syscall.pb.gz", suffix),
+        &pprof::encode_gzip(profile),
+    )?);
     let rows = rec.syscalls.rows(symbols);
     let histograms = rows
         .iter()
@@ -578,6 +579,7 @@ fn write_syscalls(
 /// Writes `tcp-events.jsonl`, `tcp-latency.json` and `tcp.pb.gz` (`profile`).
 fn write_tcp(
     config: &RecordConfig,
+    out: &OutputDir,
     rec: &Profiles,
     stats: &ProbeStats,
     profile: &Profile,
@@ -596,9 +598,7 @@ fn write_tcp(
         ),
         ("tcp.pb.gz", pprof::encode_gzip(profile)),
     ] {
-        let path = config.output_dir.join(with_suffix(name, suffix));
-        output::write_atomic(&path, &bytes)?;
-        files.push(path);
+        files.push(out.write_atomic(&with_suffix(name, suffix), &bytes)?);
     }
     Ok(TcpSummary {
         events: rec.tcp.len(),

@@ -7,10 +7,13 @@
 
 mod agent;
 mod bad_input;
+mod files;
 mod offcpu;
 mod oncpu;
+mod privileges;
 mod push;
 mod receiver;
+mod shutdown;
 mod syscall;
 mod tcp;
 mod util;

@@ -179,6 +179,11 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         ("ip", "iproute2"),
         ("promtool", "prometheus"),
         ("protoc", "protobuf-compiler"),
+        // The shutdown and privilege tests: BPF objects left behind, reduced capabilities,
+        // files opened.
+        ("bpftool", "bpftool"),
+        ("setpriv", "util-linux"),
+        ("strace", "strace"),
     ])?;
     let mut cmd = cargo();
     cmd.args([
