@@ -20,22 +20,22 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 
-/// An output problem, with the path it concerns.
+/// An output problem, with the path it concerns. The cause is part of the message (not a
+/// `source`), so that a chain of errors printed on one line says it once.
 #[derive(Debug, thiserror::Error)]
-#[error("{what} {path}: {source}")]
+#[error("{what} {path}: {cause}")]
 pub struct OutputError {
     what: &'static str,
     path: PathBuf,
-    #[source]
-    source: std::io::Error,
+    cause: std::io::Error,
 }
 
 impl OutputError {
-    fn new(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+    fn new(what: &'static str, path: &Path, cause: std::io::Error) -> Self {
         Self {
             what,
             path: path.to_owned(),
-            source,
+            cause,
         }
     }
 

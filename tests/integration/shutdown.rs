@@ -73,7 +73,7 @@ fn run(mut cmd: Command, when: When, signal: i32, what: &str) -> Ended {
     let rx = util::stderr_lines(&mut child);
     let mut stderr = Vec::new();
     let mut recording = false;
-    let mut take = |line: String, stderr: &mut Vec<String>, recording: &mut bool| {
+    let take = |line: String, stderr: &mut Vec<String>, recording: &mut bool| {
         *recording |= line.starts_with("cprof: recording") || line.starts_with("cprof: agent ");
         stderr.push(line);
     };
