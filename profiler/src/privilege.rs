@@ -4,14 +4,14 @@
 //!
 //! | capability | why | after attaching |
 //! | --- | --- | --- |
-//! | CAP_BPF | create maps, load programs (Linux 5.8+; CAP_SYS_ADMIN before) | dropped (kept only on kernels that check it for map reads: before 6.5 with `unprivileged_bpf_disabled`) |
-//! | CAP_PERFMON | open system-wide perf events, load tracing programs, take stacks | dropped |
-//! | CAP_SYS_PTRACE | read `/proc/<pid>/maps` and open `/proc/<pid>/root/...` of other users' processes and of containers, to symbolize them | kept (main and symbolizer threads) |
-//! | CAP_DAC_READ_SEARCH | read binaries file permissions hide from us (a `0700` application directory) | kept (main and symbolizer threads) |
-//! | CAP_SYSLOG | real addresses in `/proc/kallsyms` (`kernel.kptr_restrict`), for kernel symbols | kept by the symbolizer thread only |
+//! | `CAP_BPF` | create maps, load programs (Linux 5.8+; `CAP_SYS_ADMIN` before) | dropped (kept only on kernels that check it for map reads: before 6.5 with `unprivileged_bpf_disabled`) |
+//! | `CAP_PERFMON` | open system-wide perf events, load tracing programs, take stacks | dropped |
+//! | `CAP_SYS_PTRACE` | read `/proc/<pid>/maps` and open `/proc/<pid>/root/...` of other users' processes and of containers, to symbolize them | kept (main and symbolizer threads) |
+//! | `CAP_DAC_READ_SEARCH` | read binaries file permissions hide from us (a `0700` application directory) | kept (main and symbolizer threads) |
+//! | `CAP_SYSLOG` | real addresses in `/proc/kallsyms` (`kernel.kptr_restrict`), for kernel symbols | kept by the symbolizer thread only |
 //!
-//! CAP_PERFMON alone also opens other users' `/proc/<pid>/maps` (the kernel accepts it for a
-//! ptrace read), but it is dropped after attaching: from then on CAP_SYS_PTRACE is what reads
+//! `CAP_PERFMON` alone also opens other users' `/proc/<pid>/maps` (the kernel accepts it for a
+//! ptrace read), but it is dropped after attaching: from then on `CAP_SYS_PTRACE` is what reads
 //! the maps of processes seen later.
 //!
 //! The drop ([`drop_after_attach`]) runs while the process has one thread, so that every thread

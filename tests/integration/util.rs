@@ -530,6 +530,7 @@ pub fn assert_complete_files(dir: &Path, what: &str) -> Vec<String> {
             dir.display()
         );
         let path = dir.join(&name);
+        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         if name.ends_with(".pb.gz") {
             let out = Command::new("go")
                 .args(["tool", "pprof", "-raw"])
@@ -542,13 +543,13 @@ pub fn assert_complete_files(dir: &Path, what: &str) -> Vec<String> {
                 "{what}: go tool pprof -raw {name}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-        } else if name.ends_with(".jsonl") {
+        } else if extension == "jsonl" {
             let text = std::fs::read_to_string(&path).unwrap();
             for line in text.lines() {
                 serde_json::from_str::<serde_json::Value>(line)
                     .unwrap_or_else(|e| panic!("{what}: {name}: a line does not parse: {e}"));
             }
-        } else if name.ends_with(".json") {
+        } else if extension == "json" {
             let bytes = std::fs::read(&path).unwrap();
             serde_json::from_slice::<serde_json::Value>(&bytes)
                 .unwrap_or_else(|e| panic!("{what}: {name} does not parse: {e}"));
