@@ -201,21 +201,18 @@ fn record_as_nobody_with_the_documented_capabilities() {
         run.stderr
     );
     let p = run.profile.expect("cpu.pb.gz written");
-    let (total, in_path_a) = samples_of(&p, user.pid(), "path_a");
+    let (total, in_work) = samples_of(&p, user.pid(), "cpu_work");
     let (k_total, in_vfs_read) = samples_of(&p, kernel.pid(), "vfs_read");
     eprintln!(
-        "full set: user workload {in_path_a}/{total} samples in path_a; kernel workload {in_vfs_read}/{k_total} in vfs_read"
+        "full set: user workload {in_work}/{total} samples in cpu_work; kernel workload {in_vfs_read}/{k_total} in vfs_read"
+    );
+    assert!(total > 50, "samples of the user workload: {total}");
+    assert!(
+        in_work * 100 > total * 90,
+        "cpu_work (every sample of the worker) symbolized: {in_work} of {total}"
     );
     assert!(
-        total > 300,
-        "expected ~1000 samples of the user workload, got {total}"
-    );
-    assert!(
-        in_path_a * 100 > total * 50,
-        "path_a (~70%) symbolized: {in_path_a} of {total}"
-    );
-    assert!(
-        in_vfs_read * 100 > k_total * 50,
+        in_vfs_read * 100 > k_total * 80,
         "vfs_read symbolized: {in_vfs_read} of {k_total}"
     );
 
@@ -242,32 +239,35 @@ fn record_as_nobody_with_the_documented_capabilities() {
     assert!(run.ok, "no-dac: {}", run.stderr);
     assert_warns(&run.stderr, "CAP_DAC_READ_SEARCH", "binaries");
     let p = run.profile.expect("no-dac: cpu.pb.gz");
-    let (total, in_path_a) = samples_of(&p, user.pid(), "path_a");
+    let (total, in_work) = samples_of(&p, user.pid(), "cpu_work");
     let (k_total, in_vfs_read) = samples_of(&p, kernel.pid(), "vfs_read");
     eprintln!(
-        "without CAP_DAC_READ_SEARCH: path_a {in_path_a}/{total} (the 0700 binary is unreadable), vfs_read {in_vfs_read}/{k_total}"
+        "without CAP_DAC_READ_SEARCH: cpu_work {in_work}/{total} (the 0700 binary is unreadable), vfs_read {in_vfs_read}/{k_total}"
     );
     assert!(
-        total > 300 && in_path_a == 0,
-        "the 0700 binary stays unsymbolized: {in_path_a} of {total}"
+        total > 50 && in_work == 0,
+        "the 0700 binary stays unsymbolized: {in_work} of {total}"
     );
     assert!(
-        in_vfs_read * 100 > k_total * 50,
-        "kernel frames still symbolized"
+        in_vfs_read * 100 > k_total * 80,
+        "kernel frames still symbolized: {in_vfs_read} of {k_total}"
     );
 
     let run = record_as_nobody(&stage, &without("syslog"), "no-syslog", pids);
     assert!(run.ok, "no-syslog: {}", run.stderr);
     assert_warns(&run.stderr, "CAP_SYSLOG", "kernel frames");
     let p = run.profile.expect("no-syslog: cpu.pb.gz");
-    let (total, in_path_a) = samples_of(&p, user.pid(), "path_a");
+    let (total, in_work) = samples_of(&p, user.pid(), "cpu_work");
     let (k_total, in_vfs_read) = samples_of(&p, kernel.pid(), "vfs_read");
     eprintln!(
-        "without CAP_SYSLOG: path_a {in_path_a}/{total}, vfs_read {in_vfs_read}/{k_total} (kallsyms shows no addresses)"
+        "without CAP_SYSLOG: cpu_work {in_work}/{total}, vfs_read {in_vfs_read}/{k_total} (kallsyms shows no addresses)"
     );
-    assert!(in_path_a * 100 > total * 50, "user frames still symbolized");
     assert!(
-        k_total > 300 && in_vfs_read == 0,
+        in_work * 100 > total * 90,
+        "user frames still symbolized: {in_work} of {total}"
+    );
+    assert!(
+        k_total > 50 && in_vfs_read == 0,
         "kernel frames unsymbolized: {in_vfs_read} of {k_total}"
     );
 
@@ -277,17 +277,17 @@ fn record_as_nobody_with_the_documented_capabilities() {
     assert!(run.ok, "no-ptrace: {}", run.stderr);
     assert_warns(&run.stderr, "CAP_SYS_PTRACE", "other users' processes");
     let p = run.profile.expect("no-ptrace: cpu.pb.gz");
-    let (total, in_path_a) = samples_of(&p, user.pid(), "path_a");
+    let (total, in_work) = samples_of(&p, user.pid(), "cpu_work");
     let (k_total, in_vfs_read) = samples_of(&p, kernel.pid(), "vfs_read");
     let unreadable = util::number_after(
         util::comment(&p, "processes whose memory maps could not be read"),
         "unsymbolized): ",
     );
     eprintln!(
-        "without CAP_SYS_PTRACE (every process): path_a {in_path_a}/{total}, vfs_read {in_vfs_read}/{k_total}, processes whose maps could not be read {unreadable}"
+        "without CAP_SYS_PTRACE (every process): cpu_work {in_work}/{total}, vfs_read {in_vfs_read}/{k_total}, processes whose maps could not be read {unreadable}"
     );
     assert!(
-        total > 300 && in_path_a == 0,
+        total > 50 && in_work == 0,
         "user frames of the other user's process unsymbolized"
     );
     assert!(
@@ -295,8 +295,8 @@ fn record_as_nobody_with_the_documented_capabilities() {
         "both targets counted as unreadable: {unreadable}"
     );
     assert!(
-        in_vfs_read * 100 > k_total * 50,
-        "kernel frames still symbolized"
+        in_vfs_read * 100 > k_total * 80,
+        "kernel frames still symbolized: {in_vfs_read} of {k_total}"
     );
 }
 
@@ -356,20 +356,20 @@ fn agent_as_nobody_with_the_documented_capabilities() {
         })
         .max_by_key(|(_, p)| util::samples_where(p, |_| true))
         .expect("windows written");
-    let (total, in_path_a) = samples_of(&p, user.pid(), "path_a");
+    let (total, in_work) = samples_of(&p, user.pid(), "cpu_work");
     let (k_total, in_vfs_read) = samples_of(&p, kernel.pid(), "vfs_read");
     eprintln!(
-        "agent as nobody: {} windows; {}: path_a {in_path_a}/{total}, vfs_read {in_vfs_read}/{k_total}; stopped in {took:.2?}",
+        "agent as nobody: {} windows; {}: cpu_work {in_work}/{total}, vfs_read {in_vfs_read}/{k_total}; stopped in {took:.2?}",
         cpu.len(),
         window.display()
     );
     assert!(
-        in_path_a * 100 > total * 50 && total > 100,
-        "user frames symbolized"
+        in_work * 100 > total * 90 && total > 50,
+        "user frames symbolized: {in_work} of {total}"
     );
     assert!(
-        in_vfs_read * 100 > k_total * 50 && k_total > 100,
-        "kernel frames symbolized"
+        in_vfs_read * 100 > k_total * 80 && k_total > 50,
+        "kernel frames symbolized: {in_vfs_read} of {k_total}"
     );
 
     let before = BpfObjects::now();
@@ -457,18 +457,18 @@ fn record_drops_capabilities_once_attached_and_stays_complete() {
     eprintln!("record threads after attaching: {threads:?}");
     rec.wait(Duration::from_secs(30));
     let p = util::read_profile(&dir);
-    let (total, in_path_a) = samples_of(&p, user.pid(), "path_a");
+    let (total, in_work) = samples_of(&p, user.pid(), "cpu_work");
     let (k_total, in_vfs_read) = samples_of(&p, kernel.pid(), "vfs_read");
     eprintln!(
-        "record after the drop: path_a {in_path_a}/{total}, vfs_read {in_vfs_read}/{k_total}"
+        "record after the drop: cpu_work {in_work}/{total}, vfs_read {in_vfs_read}/{k_total}"
     );
     assert!(
-        in_path_a * 100 > total * 50 && total > 300,
-        "user frames symbolized"
+        in_work * 100 > total * 90 && total > 50,
+        "user frames symbolized: {in_work} of {total}"
     );
     assert!(
-        in_vfs_read * 100 > k_total * 50 && k_total > 300,
-        "kernel frames symbolized"
+        in_vfs_read * 100 > k_total * 80 && k_total > 50,
+        "kernel frames symbolized: {in_vfs_read} of {k_total}"
     );
 }
 
@@ -507,19 +507,19 @@ fn agent_drops_capabilities_once_attached_and_keeps_symbolizing() {
     cpu.sort();
     let window = &cpu[cpu.len() - 2];
     let p = cprof::pprof::decode(&std::fs::read(window).unwrap()).unwrap();
-    let (total, in_path_a) = samples_of(&p, user.pid(), "path_a");
+    let (total, in_work) = samples_of(&p, user.pid(), "cpu_work");
     let (k_total, in_vfs_read) = samples_of(&p, kernel.pid(), "vfs_read");
     eprintln!(
-        "agent window {} after the drop: path_a {in_path_a}/{total}, vfs_read {in_vfs_read}/{k_total}",
+        "agent window {} after the drop: cpu_work {in_work}/{total}, vfs_read {in_vfs_read}/{k_total}",
         window.display()
     );
     assert!(
-        in_path_a * 100 > total * 50 && total > 100,
-        "user frames symbolized"
+        in_work * 100 > total * 90 && total > 50,
+        "user frames symbolized: {in_work} of {total}"
     );
     assert!(
-        in_vfs_read * 100 > k_total * 50 && k_total > 100,
-        "kernel frames symbolized"
+        in_vfs_read * 100 > k_total * 80 && k_total > 50,
+        "kernel frames symbolized: {in_vfs_read} of {k_total}"
     );
 }
 
