@@ -10,7 +10,7 @@
 //! Files are written so that a crash never leaves a truncated file under a final name: a
 //! temporary `.<name>.tmp-<pid>` in the same directory (`O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600),
 //! written, synced, renamed over the final name (which replaces a symlink there instead of
-//! following it), and the directory synced. A temporary file left by a killed cprof (`kill -9`)
+//! following it). A temporary file left by a killed cprof (`kill -9`)
 //! is removed by the next cprof that opens the directory, once no process has that pid.
 
 use std::ffi::{CStr, CString};
@@ -170,10 +170,8 @@ impl OutputDir {
                 source,
             ));
         }
-        // Make the rename itself durable.
-        if let Err(source) = fsync(&self.fd) {
-            return Err(OutputError::new("cannot sync", &self.path, source));
-        }
+        // The directory is not synced: after a power loss the rename may be lost (no file), never
+        // half done, and a sync per file would slow every window down.
         Ok(final_path)
     }
 
@@ -313,15 +311,6 @@ fn fstat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
     }
     // SAFETY: initialised by the successful call.
     Ok(unsafe { st.assume_init() })
-}
-
-fn fsync(fd: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: fsync on a descriptor we own.
-    if unsafe { libc::fsync(fd.as_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 fn c_name(name: &str) -> CString {
