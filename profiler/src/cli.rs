@@ -24,15 +24,16 @@ pub enum Command {
     /// Record on-CPU stacks of some processes (or all) and write DIR/cpu.pb.gz.
     ///
     /// Needs `CAP_BPF` and `CAP_PERFMON` (root has them); `CAP_SYS_PTRACE` to symbolize other users'
-    /// processes and `CAP_SYSLOG` for kernel symbols.
+    /// processes, `CAP_DAC_READ_SEARCH` for binaries their permissions hide, `CAP_SYSLOG` for
+    /// kernel symbols. Once attached, cprof drops all but the last three (and sets no_new_privs).
     ///
     /// Examples:
     ///
     ///   sudo cprof record --pid 1234 --duration 30
     ///
-    ///   sudo cprof record --frequency 999 --output /tmp/prof   (every process, until Ctrl-C)
+    ///   sudo cprof record --frequency 999 --output ./prof   (every process, until Ctrl-C)
     ///
-    ///   go tool pprof -top /tmp/prof/cpu.pb.gz
+    ///   go tool pprof -top ./prof/cpu.pb.gz
     #[command(verbatim_doc_comment)]
     Record(RecordArgs),
 
@@ -87,7 +88,9 @@ pub struct RecordArgs {
     #[arg(long, short = 'F', value_name = "HZ", default_value_t = 99)]
     pub frequency: u64,
 
-    /// Directory for the output files, created if missing. Default: ./cprof-<UTC timestamp>.
+    /// Directory for the output files, created 0700 if missing. Default: ./cprof-<UTC timestamp>.
+    /// Refused when it is a symlink, not ours, writable by group or others, or directly in a
+    /// directory everyone may write to (/tmp).
     #[arg(long, short = 'o', value_name = "DIR")]
     pub output: Option<PathBuf>,
 

@@ -11,13 +11,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::bpf::ProbeStats;
 use crate::config::RecordConfig;
+use crate::output::{self, OutputDir};
 use crate::pprof::{self, Profile, ProfileExt as _};
+use crate::procfs;
 use crate::session::{Profiles, Session, TCP_RING_INTERVAL, check_privileges};
 use crate::symbols::Symbols;
 use crate::syscalls::SyscallRow;
 use crate::tcp::RemoteStats;
 use crate::top::{TopFunction, TopStack, top_functions, top_stacks};
-use crate::{output, procfs};
 
 /// What a recording produced, for the summary and for callers.
 #[derive(Debug)]
@@ -65,7 +66,7 @@ pub struct OffCpuSummary {
 
 pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     check_privileges()?;
-    output::prepare_dir(&config.output_dir)?;
+    let out = output::prepare_dir(&config.output_dir)?;
     let mut rec = Session::start(config, false)?;
 
     let started_wall = SystemTime::now();
@@ -124,7 +125,7 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
         stats,
         still_waiting,
     };
-    write_profiles(config, &rec.symbols, &rec.profiles, &outcome, "")
+    write_profiles(config, &out, &rec.symbols, &rec.profiles, &outcome, "")
 }
 
 /// How a recording (or a window) ended: what the files and the summary report.
@@ -149,10 +150,11 @@ fn evicted_starts(stats: &ProbeStats, still_waiting: u64) -> u64 {
     )
 }
 
-/// Writes every requested signal's files into `config.output_dir`, each name with `suffix`
-/// before its extension (`cpu{suffix}.pb.gz`).
+/// Writes every requested signal's files into `out`, each name with `suffix` before its
+/// extension (`cpu{suffix}.pb.gz`).
 pub(crate) fn write_profiles(
     config: &RecordConfig,
+    out: &OutputDir,
     symbols: &Symbols,
     rec: &Profiles,
     outcome: &Outcome,
@@ -169,7 +171,7 @@ pub(crate) fn write_profiles(
     let unsymbolized = symbols.stats.unsymbolized;
     let mut comments = comments(config, &stats, unsymbolized, evicted, still_waiting);
     comments.push(format!(
-        "processes gone before their memory maps could be read (frames unsymbolized): {}",
+        "processes whose memory maps could not be read (gone, or closed to us: frames unsymbolized): {}",
         symbols.stats.processes_unreadable
     ));
     comments.push(format!(
@@ -186,9 +188,7 @@ pub(crate) fn write_profiles(
     };
     let mut files = Vec::new();
     let write = |files: &mut Vec<PathBuf>, name: &str, profile: &Profile| -> anyhow::Result<()> {
-        let path = config.output_dir.join(with_suffix(name, suffix));
-        output::write_atomic(&path, &pprof::encode_gzip(profile))?;
-        files.push(path);
+        files.push(out.write_atomic(&with_suffix(name, suffix), &pprof::encode_gzip(profile))?);
         Ok(())
     };
     let mut cpu = None;
@@ -227,7 +227,7 @@ pub(crate) fn write_profiles(
     let syscall = if config.events.syscall {
         let profile = time(rec.syscalls.to_pprof(symbols, &comments));
         Some(write_syscalls(
-            config, symbols, rec, &stats, elapsed, &profile, suffix, &mut files,
+            config, out, symbols, rec, &stats, elapsed, &profile, suffix, &mut files,
         )?)
     } else {
         None
@@ -235,7 +235,7 @@ pub(crate) fn write_profiles(
     let tcp = if config.events.tcp {
         let profile = time(rec.tcp.to_pprof(symbols, &comments));
         Some(write_tcp(
-            config, rec, &stats, &profile, suffix, &mut files,
+            config, out, rec, &stats, &profile, suffix, &mut files,
         )?)
     } else {
         None
@@ -566,6 +566,7 @@ fn syscall_summary(out: &mut String, sys: &SyscallSummary, s: &ProbeStats) {
 )]
 fn write_syscalls(
     config: &RecordConfig,
+    out: &OutputDir,
     symbols: &Symbols,
     rec: &Profiles,
     stats: &ProbeStats,
@@ -582,14 +583,14 @@ fn write_syscalls(
     let json = rec
         .syscalls
         .to_json(symbols, elapsed.as_nanos() as u64, &dropped);
-    let path = config
-        .output_dir
-        .join(with_suffix("syscall-latency.json", suffix));
-    output::write_atomic(&path, json.as_bytes())?;
-    files.push(path);
-    let path = config.output_dir.join(with_suffix("syscall.pb.gz", suffix));
-    output::write_atomic(&path, &pprof::encode_gzip(profile))?;
-    files.push(path);
+    files.push(out.write_atomic(
+        &with_suffix("syscall-latency.json", suffix),
+        json.as_bytes(),
+    )?);
+    files.push(out.write_atomic(
+        &with_suffix("syscall.pb.gz", suffix),
+        &pprof::encode_gzip(profile),
+    )?);
     let rows = rec.syscalls.rows(symbols);
     let histograms = rows
         .iter()
@@ -610,6 +611,7 @@ fn write_syscalls(
 /// Writes `tcp-events.jsonl`, `tcp-latency.json` and `tcp.pb.gz` (`profile`).
 fn write_tcp(
     config: &RecordConfig,
+    out: &OutputDir,
     rec: &Profiles,
     stats: &ProbeStats,
     profile: &Profile,
@@ -628,9 +630,7 @@ fn write_tcp(
         ),
         ("tcp.pb.gz", pprof::encode_gzip(profile)),
     ] {
-        let path = config.output_dir.join(with_suffix(name, suffix));
-        output::write_atomic(&path, &bytes)?;
-        files.push(path);
+        files.push(out.write_atomic(&with_suffix(name, suffix), &bytes)?);
     }
     Ok(TcpSummary {
         events: rec.tcp.len(),

@@ -79,9 +79,15 @@ impl Session {
                 .collect(),
         })
         .context("setting up the eBPF probes")?;
+        drop_privileges(&probes)?;
+        let symbolizer = SymbolizerThread::spawn().context("starting the symbolizer thread")?;
+        // Only the symbolizer thread reads /proc/kallsyms; this thread (and those it starts
+        // later) does not need CAP_SYSLOG.
+        privilege::drop_in_thread(!privilege::mask(&[privilege::CAP_SYSLOG]))
+            .context("dropping CAP_SYSLOG in the main thread")?;
         Ok(Self {
             probes,
-            symbolizer: SymbolizerThread::spawn().context("starting the symbolizer thread")?,
+            symbolizer,
             symbols,
             profiles: Profiles::default(),
             pending_tcp: Vec::new(),
@@ -158,23 +164,38 @@ impl Session {
     }
 }
 
-/// Fails, naming them, when capabilities needed to load the programs are missing.
+/// Fails, naming them, when capabilities needed to load the programs are missing; warns, naming
+/// each and what is lost, about those wanted for complete symbolization.
 pub fn check_privileges() -> anyhow::Result<()> {
     let eff = privilege::effective().context("reading our capabilities")?;
     let missing = privilege::missing(eff, &privilege::RECORD_REQUIRED);
     if !missing.is_empty() {
         bail!(
-            "missing capabilities {}: run as root, or grant them (setcap cap_bpf,cap_perfmon,cap_sys_ptrace,cap_syslog+ep cprof)",
+            "missing capabilities {}: run as root, or grant them (setcap cap_bpf,cap_perfmon,cap_sys_ptrace,cap_dac_read_search,cap_syslog+ep cprof)",
             privilege::names(&missing)
         );
     }
-    let weak = privilege::missing(eff, &privilege::RECORD_WANTED);
-    if !weak.is_empty() {
-        tracing::warn!(
-            "without {} some frames may stay unsymbolized",
-            privilege::names(&weak)
-        );
+    for cap in privilege::missing(eff, &privilege::RECORD_WANTED) {
+        if cap == privilege::CAP_SYSLOG && !privilege::kallsyms_needs_syslog() {
+            continue;
+        }
+        tracing::warn!("without {}: {}", cap.name, cap.without);
     }
+    Ok(())
+}
+
+/// Drops what later work does not need, once the probes are attached (see [`privilege`]).
+fn drop_privileges(probes: &Probes) -> anyhow::Result<()> {
+    let after = privilege::drop_after_attach(|| probes.maps_readable())
+        .context("dropping capabilities after attaching")?;
+    if after.bpf_kept_for_maps {
+        tracing::info!("this kernel checks CAP_BPF for map reads (Linux before 6.5): kept");
+    }
+    tracing::info!(
+        "attached; capabilities kept: {}; dropped: {}; no_new_privs set",
+        privilege::names_in(after.kept),
+        privilege::names_in(after.dropped),
+    );
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use crate::target_file::FileSpec;
 pub struct SymbolStats {
     /// Distinct addresses that got no symbol.
     pub unsymbolized: u64,
-    /// Processes that were gone before their memory maps could be read.
+    /// Processes whose memory maps could not be read: gone, or closed to us (permissions).
     pub processes_unreadable: u64,
     /// Files the symbolizer refused, by reason.
     pub files_refused: RefusalCounts,

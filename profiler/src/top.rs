@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::pprof::{Profile, ProfileExt as _};
+use crate::pprof::{Profile, ProfileExt as _, StackNames};
 
 /// Functions ranked by samples in which they are the leaf (self) and anywhere on the stack
 /// (total), as `go tool pprof -top` ranks them.
@@ -19,9 +19,10 @@ pub struct TopFunction {
 #[must_use]
 pub fn top_functions(profile: &Profile, value_index: usize, n: usize) -> Vec<TopFunction> {
     let mut by_name: HashMap<String, (u64, u64)> = HashMap::new();
+    let stack_names = StackNames::new(profile);
     for sample in &profile.sample {
         let count = sample.value.get(value_index).copied().unwrap_or(0) as u64;
-        let names = profile.stack_names(sample);
+        let names = stack_names.of(sample);
         let label = |name: &str| {
             if name.is_empty() {
                 "[unknown]".to_owned()
@@ -93,9 +94,10 @@ pub fn top_stacks(
         ..profile.clone()
     };
     let mut by: HashMap<(String, String), (u64, u64)> = HashMap::new();
+    let stack_names = StackNames::new(&user_only);
     for sample in &profile.sample {
-        let names: Vec<&str> = user_only
-            .stack_names(sample)
+        let names: Vec<&str> = stack_names
+            .of(sample)
             .into_iter()
             .map(|n| if n.is_empty() { "?" } else { n })
             .collect();

@@ -7,12 +7,15 @@
 
 mod agent;
 mod bad_input;
+mod files;
 mod hostile;
 mod lost;
 mod offcpu;
 mod oncpu;
+mod privileges;
 mod push;
 mod receiver;
+mod shutdown;
 mod syscall;
 mod tcp;
 mod util;

@@ -292,6 +292,11 @@ impl Recording {
         Self { child, stderr: rx }
     }
 
+    /// The cprof process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for cprof to exit by itself (within `deadline`); returns its stdout.
     pub fn wait(mut self, deadline: Duration) -> String {
         let start = Instant::now();
@@ -349,4 +354,208 @@ pub fn comment<'p>(p: &'p Profile, prefix: &str) -> &'p str {
         .map(|&c| p.str(c))
         .find(|c| c.starts_with(prefix))
         .unwrap_or_else(|| panic!("no comment starting with {prefix:?}"))
+}
+
+/// The ids of every BPF program, link and map loaded in the kernel (`bpftool -j ... show`), and
+/// which of them a live process holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BpfObjects {
+    pub progs: std::collections::BTreeSet<u32>,
+    pub links: std::collections::BTreeSet<u32>,
+    pub maps: std::collections::BTreeSet<u32>,
+    /// Programs' maps and links' programs, to follow what a held object keeps alive.
+    prog_maps: Vec<(u32, Vec<u32>)>,
+    link_progs: Vec<(u32, u32)>,
+}
+
+impl BpfObjects {
+    /// Lists them now; fails loudly without bpftool.
+    pub fn now() -> Self {
+        let show = |what: &str| -> Vec<serde_json::Value> {
+            let out = Command::new("bpftool")
+                .args(["-j", what, "show"])
+                .output()
+                .expect("running bpftool (Debian package bpftool; cargo xtask test installs it)");
+            assert!(
+                out.status.success(),
+                "bpftool {what} show: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).expect("bpftool -j prints JSON")
+        };
+        let id = |v: &serde_json::Value, key: &str| v[key].as_u64().map(|n| n as u32);
+        let progs = show("prog");
+        let links = show("link");
+        Self {
+            progs: progs.iter().filter_map(|p| id(p, "id")).collect(),
+            links: links.iter().filter_map(|l| id(l, "id")).collect(),
+            maps: show("map").iter().filter_map(|m| id(m, "id")).collect(),
+            prog_maps: progs
+                .iter()
+                .filter_map(|p| {
+                    let maps = p["map_ids"].as_array().map(|a| {
+                        a.iter()
+                            .filter_map(serde_json::Value::as_u64)
+                            .map(|n| n as u32)
+                            .collect()
+                    });
+                    Some((id(p, "id")?, maps.unwrap_or_default()))
+                })
+                .collect(),
+            link_progs: links
+                .iter()
+                .filter_map(|l| Some((id(l, "id")?, id(l, "prog_id")?)))
+                .collect(),
+        }
+    }
+
+    /// What is here and not in `before`, leaving out what live processes hold (through a file
+    /// descriptor, or through a held link or program): the objects some process left behind.
+    /// Other engineers' and tests' processes load programs too; theirs are held.
+    pub fn orphans_since(&self, before: &Self) -> Self {
+        let held = held_bpf_ids();
+        let mut progs: std::collections::BTreeSet<u32> = held.0;
+        let links: std::collections::BTreeSet<u32> = held.1;
+        let mut maps: std::collections::BTreeSet<u32> = held.2;
+        for (link, prog) in &self.link_progs {
+            if links.contains(link) {
+                progs.insert(*prog);
+            }
+        }
+        for (prog, prog_maps) in &self.prog_maps {
+            if progs.contains(prog) {
+                maps.extend(prog_maps);
+            }
+        }
+        let new = |now: &std::collections::BTreeSet<u32>,
+                   then: &std::collections::BTreeSet<u32>,
+                   held: &std::collections::BTreeSet<u32>| {
+            now.iter()
+                .filter(|id| !then.contains(id) && !held.contains(id))
+                .copied()
+                .collect()
+        };
+        Self {
+            progs: new(&self.progs, &before.progs, &progs),
+            links: new(&self.links, &before.links, &links),
+            maps: new(&self.maps, &before.maps, &maps),
+            ..Self::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.progs.is_empty() && self.links.is_empty() && self.maps.is_empty()
+    }
+}
+
+/// (programs, links, maps) that live processes hold file descriptors of, from
+/// `/proc/*/fdinfo/*` (`prog_id:`, `link_id:`, `map_id:` lines).
+fn held_bpf_ids() -> (
+    std::collections::BTreeSet<u32>,
+    std::collections::BTreeSet<u32>,
+    std::collections::BTreeSet<u32>,
+) {
+    let (mut progs, mut links, mut maps) = Default::default();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return (progs, links, maps);
+    };
+    for p in procs.flatten() {
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if !target.to_string_lossy().starts_with("anon_inode:bpf") {
+                continue;
+            }
+            let info = p.path().join("fdinfo").join(fd.file_name());
+            let Ok(text) = std::fs::read_to_string(info) else {
+                continue;
+            };
+            for line in text.lines() {
+                let Some((key, value)) = line.split_once(':') else {
+                    continue;
+                };
+                let Ok(id) = value.trim().parse::<u32>() else {
+                    continue;
+                };
+                match key {
+                    "prog_id" => progs.insert(id),
+                    "link_id" => links.insert(id),
+                    "map_id" => maps.insert(id),
+                    _ => false,
+                };
+            }
+        }
+    }
+    (progs, links, maps)
+}
+
+/// Waits (up to `within`) until every BPF object that appeared since `before` is held by a live
+/// process: what an exited cprof loaded is gone. Returns how long that took; panics with `what`
+/// and the ids left behind.
+pub fn assert_bpf_released(before: &BpfObjects, within: Duration, what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let orphans = BpfObjects::now().orphans_since(before);
+        if orphans.is_empty() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: BPF objects left behind after {within:?}: programs {:?}, links {:?}, maps {:?}",
+            orphans.progs,
+            orphans.links,
+            orphans.maps
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checks that every file in `dir` is complete: no temporary file (`.name.tmp-pid`), each
+/// `.pb.gz` parsed by `go tool pprof -raw`, each `.json` and `.jsonl` parsed. Returns the
+/// names of the final files; `what` goes into every failure message.
+pub fn assert_complete_files(dir: &Path, what: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with('.'),
+            "{what}: a temporary file {name} was left in {}",
+            dir.display()
+        );
+        let path = dir.join(&name);
+        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if name.ends_with(".pb.gz") {
+            let out = Command::new("go")
+                .args(["tool", "pprof", "-raw"])
+                .arg(&path)
+                .env("HOME", std::env::temp_dir())
+                .output()
+                .expect("running `go tool pprof`: install golang-go (cargo xtask test does)");
+            assert!(
+                out.status.success(),
+                "{what}: go tool pprof -raw {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else if extension == "jsonl" {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for line in text.lines() {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("{what}: {name}: a line does not parse: {e}"));
+            }
+        } else if extension == "json" {
+            let bytes = std::fs::read(&path).unwrap();
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .unwrap_or_else(|e| panic!("{what}: {name} does not parse: {e}"));
+        }
+        names.push(name);
+    }
+    names.sort();
+    names
 }

@@ -182,6 +182,11 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         // tests/integration/hostile.rs: damaging ELF files, entering a target's namespaces.
         ("objcopy", "binutils"),
         ("nsenter", "util-linux"),
+        // The shutdown and privilege tests: BPF objects left behind, reduced capabilities,
+        // files opened.
+        ("bpftool", "bpftool"),
+        ("setpriv", "util-linux"),
+        ("strace", "strace"),
     ])?;
     let mut cmd = cargo();
     cmd.args([

@@ -366,7 +366,7 @@ fn health(out: &mut String, s: &State) {
     counter(
         out,
         "cprof_processes_unreadable_total",
-        "Processes gone before their memory maps could be read (their frames stay unsymbolized).",
+        "Processes whose memory maps could not be read: gone, or closed to us (their frames stay unsymbolized).",
         s.processes_unreadable,
     );
     header(
@@ -556,26 +556,43 @@ async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
     }
 }
 
-/// Binds the endpoint now (a taken port fails the start, with the address named) and serves it
-/// from a thread of its own, so that scrapes are answered while a window is being written.
-pub fn spawn_server(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
-    let listener = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("cprof-metrics".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => serve(listener, metrics).await,
-                    Err(e) => tracing::warn!("metrics endpoint: {e}"),
+/// The endpoint's socket, bound but not served yet: [`bind`] before the probes are attached (a
+/// taken port fails the start, with the address named), [`Listener::serve`] afterwards.
+#[derive(Debug)]
+pub struct Listener(std::net::TcpListener);
+
+/// Binds the endpoint.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<Listener> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| Listener(l)))
+        .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))
+}
+
+impl Listener {
+    /// Serves `GET /metrics` from a thread of its own, so that scrapes are answered while a
+    /// window is being written. The thread drops every capability first: it only talks to the
+    /// network.
+    pub fn serve(self, metrics: Metrics) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let listener = self.0;
+        std::thread::Builder::new()
+            .name("cprof-metrics".into())
+            .spawn(move || {
+                if let Err(e) = crate::privilege::drop_in_thread(0) {
+                    tracing::warn!("metrics thread: cannot drop capabilities ({e}); not serving");
+                    return;
                 }
-            });
-        })?;
-    Ok(())
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => serve(listener, metrics).await,
+                        Err(e) => tracing::warn!("metrics endpoint: {e}"),
+                    }
+                });
+            })?;
+        Ok(())
+    }
 }
 
 async fn answer(conn: &mut tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {

@@ -22,8 +22,9 @@ use self::config::AgentConfig;
 use self::metrics::{Health, Metrics};
 use self::retention::Retention;
 use crate::bpf::ProbeStats;
+use crate::output::OutputDir;
 use crate::pprof;
-use crate::push::{PushJob, Pusher, Series, SpoolCaps};
+use crate::push::{PreparedPusher, PushJob, Pusher, Series, SpoolCaps};
 use crate::record::{Outcome, RecordReport, write_profiles};
 use crate::session::{Session, TCP_RING_INTERVAL, check_privileges};
 use crate::{civil, output, procfs};
@@ -41,6 +42,7 @@ struct Window {
 
 struct Agent<'c> {
     config: &'c AgentConfig,
+    out: OutputDir,
     session: Session,
     metrics: Metrics,
     window: Window,
@@ -69,16 +71,15 @@ fn unique_stamp_time(started: SystemTime, last: &mut Option<u64>) -> SystemTime 
 /// window before returning.
 pub async fn run(config: &AgentConfig) -> anyhow::Result<()> {
     check_privileges()?;
-    let dir = &config.record.output_dir;
-    output::prepare_dir(dir)?;
+    // Everything that can fail on a bad setting comes before the probes are attached; the
+    // threads (metrics, push) start after the capabilities are dropped (see `privilege`).
+    let out = output::prepare_dir(&config.record.output_dir)?;
     let metrics = Metrics::default();
-    if let Some(addr) = config.metrics_addr {
-        metrics::spawn_server(addr, metrics.clone())?;
-    }
+    let listener = config.metrics_addr.map(metrics::bind).transpose()?;
     let pusher = match &config.push {
-        Some(settings) => Some(Pusher::start(
+        Some(settings) => Some(Pusher::prepare(
             settings,
-            &dir.join("spool"),
+            &out.join("spool"),
             SpoolCaps {
                 max_bytes: config.retain_bytes,
                 max_age: config.retain_age,
@@ -93,6 +94,10 @@ pub async fn run(config: &AgentConfig) -> anyhow::Result<()> {
         None
     };
     let mut session = Session::start_in(&config.record, cgroup_filter, pid_namespace)?;
+    if let Some(listener) = listener {
+        listener.serve(metrics.clone())?;
+    }
+    let pusher = pusher.map(PreparedPusher::start).transpose()?;
     if cgroup_filter {
         refresh_cgroups(&mut session, config)?;
     }
@@ -102,6 +107,7 @@ pub async fn run(config: &AgentConfig) -> anyhow::Result<()> {
 
     let mut agent = Agent {
         config,
+        out,
         session,
         metrics,
         window: Window {
@@ -204,6 +210,7 @@ impl Agent<'_> {
         };
         let written = write_profiles(
             &self.config.record,
+            &self.out,
             &self.session.symbols,
             &profiles,
             &outcome,
@@ -235,7 +242,7 @@ impl Agent<'_> {
             max_age: self.config.retain_age,
             max_bytes: self.config.retain_bytes,
         };
-        match retention::enforce(&self.config.record.output_dir, retention, SystemTime::now()) {
+        match retention::enforce(&self.out.fd_path(), retention, SystemTime::now()) {
             Ok(pass) if pass.deleted_files > 0 => tracing::info!(
                 "retention: deleted {} files ({} bytes), keeping {} bytes",
                 pass.deleted_files,
@@ -261,7 +268,7 @@ impl Agent<'_> {
             let Some(signal) = name.strip_suffix(&format!("-{stamp}.pb.gz")) else {
                 continue;
             };
-            let job = std::fs::read(path)
+            let job = std::fs::read(self.out.fd_path().join(name))
                 .map_err(anyhow::Error::from)
                 .and_then(|bytes| {
                     push_job(signal, stamp, &bytes, self.config.service_name.as_deref())

@@ -426,6 +426,17 @@ impl Probes {
         self.offcpu.as_ref().map_or(0, offcpu::OffCpu::waiting)
     }
 
+    /// Whether the maps can be read with the capabilities this thread holds now: false only on
+    /// `EPERM` (kernels before 6.5 with `kernel.unprivileged_bpf_disabled` want `CAP_BPF` for
+    /// every `bpf(2)` command, even on a descriptor we hold).
+    #[must_use]
+    pub fn maps_readable(&self) -> bool {
+        match self.active_buffer.get(&0, 0) {
+            Err(MapError::SyscallError(e)) => e.io_error.raw_os_error() != Some(libc::EPERM),
+            _ => true,
+        }
+    }
+
     /// Detaches every program. The maps stay readable, so that what was collected up to now can
     /// be drained completely and the counters agree with it exactly.
     pub fn stop(&mut self) -> Result<(), BpfError> {

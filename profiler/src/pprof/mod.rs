@@ -9,7 +9,7 @@
 pub mod proto;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 
 pub use proto::Profile;
 
@@ -418,25 +418,7 @@ impl ProfileExt for Profile {
     }
 
     fn stack_names(&self, sample: &proto::Sample) -> Vec<&str> {
-        let locations = index_by_id(&self.location, |l| l.id);
-        let functions = index_by_id(&self.function, |f| f.id);
-        let mut names = Vec::new();
-        for id in &sample.location_id {
-            let Some(location) = locations.get(id) else {
-                continue;
-            };
-            if location.line.is_empty() {
-                names.push("");
-            }
-            for line in &location.line {
-                names.push(
-                    functions
-                        .get(&line.function_id)
-                        .map_or("", |f| self.str(f.name)),
-                );
-            }
-        }
-        names
+        StackNames::new(self).of(sample)
     }
 
     fn label_str(&self, sample: &proto::Sample, key: &str) -> Option<&str> {
@@ -456,11 +438,50 @@ impl ProfileExt for Profile {
     }
 }
 
-fn index_by_id<T>(items: &[T], id: impl Fn(&T) -> u64) -> HashMap<u64, &T, impl BuildHasher> {
-    items
-        .iter()
-        .map(|item| (id(item), item))
-        .collect::<HashMap<_, _>>()
+/// Locations and functions of a profile by id, built once: [`ProfileExt::stack_names`] for many
+/// samples (building the index per sample is quadratic in a large profile).
+pub struct StackNames<'p> {
+    profile: &'p Profile,
+    locations: HashMap<u64, &'p proto::Location>,
+    functions: HashMap<u64, &'p proto::Function>,
+}
+
+impl<'p> StackNames<'p> {
+    #[must_use]
+    pub fn new(profile: &'p Profile) -> Self {
+        Self {
+            profile,
+            locations: index_by_id(&profile.location, |l| l.id),
+            functions: index_by_id(&profile.function, |f| f.id),
+        }
+    }
+
+    /// Function names of a sample's stack, leaf first, inlined frames expanded; "" for a
+    /// location without a symbol.
+    #[must_use]
+    pub fn of(&self, sample: &proto::Sample) -> Vec<&'p str> {
+        let mut names = Vec::new();
+        for id in &sample.location_id {
+            let Some(location) = self.locations.get(id) else {
+                continue;
+            };
+            if location.line.is_empty() {
+                names.push("");
+            }
+            for line in &location.line {
+                names.push(
+                    self.functions
+                        .get(&line.function_id)
+                        .map_or("", |f| self.profile.str(f.name)),
+                );
+            }
+        }
+        names
+    }
+}
+
+fn index_by_id<T>(items: &[T], id: impl Fn(&T) -> u64) -> HashMap<u64, &T> {
+    items.iter().map(|item| (id(item), item)).collect()
 }
 
 #[cfg(test)]

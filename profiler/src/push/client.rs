@@ -140,6 +140,16 @@ impl Client {
         {
             bail!("push tenant {tenant:?}: expected a non-empty string without control characters");
         }
+        if plain_http_off_host(url) {
+            tracing::warn!(
+                "push URL {url} is plain http to another host: profiles{} travel unencrypted; use https://",
+                if credential.is_some() {
+                    " and credentials"
+                } else {
+                    ""
+                }
+            );
+        }
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(timing.connect_timeout)
             .timeout(timing.request_timeout)
@@ -193,6 +203,25 @@ impl Client {
     }
 }
 
+/// Whether `url` is `http://` to a host other than loopback.
+fn plain_http_off_host(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(bracketed) = host.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or(bracketed)
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !loopback
+}
+
 /// The first line of a response body (at most 4 KiB are read), for logs.
 fn first_line(response: ureq::Response) -> String {
     let mut body = Vec::new();
@@ -215,6 +244,16 @@ impl std::fmt::Debug for Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_http_to_another_host_is_noticed() {
+        assert!(plain_http_off_host("http://pyroscope:4040"));
+        assert!(plain_http_off_host("http://10.0.0.1:4040/x"));
+        assert!(!plain_http_off_host("http://127.0.0.1:4040"));
+        assert!(!plain_http_off_host("http://localhost:4040"));
+        assert!(!plain_http_off_host("http://[::1]:4040"));
+        assert!(!plain_http_off_host("https://pyroscope:4040"));
+    }
 
     fn test_file(name: &str, contents: &[u8]) -> PathBuf {
         let path =

@@ -127,6 +127,59 @@ impl Shared {
     }
 }
 
+/// A pusher ready to start: credentials read, spool opened and locked.
+#[derive(Debug)]
+pub struct PreparedPusher {
+    client: Client,
+    spool: Spool,
+    timing: PushTiming,
+    url: String,
+    spool_dir: PathBuf,
+}
+
+impl PreparedPusher {
+    /// Starts the sender thread, which first delivers what a previous run left in the spool.
+    /// The thread drops every capability first: it only reads the spool, the credential files
+    /// (which must be readable by our uid without capabilities) and talks to the network.
+    pub fn start(self) -> anyhow::Result<Pusher> {
+        let Self {
+            client,
+            spool,
+            timing,
+            url,
+            spool_dir,
+        } = self;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                spool,
+                pushed: 0,
+                failed_attempts: 0,
+                dropped: 0,
+                stop: false,
+                sender_running: true,
+            }),
+            changed: Condvar::new(),
+        });
+        let sender = std::thread::Builder::new()
+            .name("cprof-push".into())
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || {
+                    if let Err(e) = crate::privilege::drop_in_thread(0) {
+                        tracing::warn!("push thread: cannot drop capabilities: {e}");
+                    }
+                    send_loop(&shared, client, timing);
+                }
+            })
+            .context("cannot start the push thread")?;
+        tracing::info!(url, spool = %spool_dir.display(), "pushing profiles");
+        Ok(Pusher {
+            shared,
+            sender: Some(sender),
+        })
+    }
+}
+
 /// Pushes jobs through the spool to the backend, on its own thread.
 #[derive(Debug)]
 pub struct Pusher {
@@ -153,33 +206,35 @@ impl Pusher {
         caps: SpoolCaps,
         timing: PushTiming,
     ) -> anyhow::Result<Self> {
-        let client = Client::new(settings, &timing)?;
-        let spool = Spool::open(spool_dir, caps)?;
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                spool,
-                pushed: 0,
-                failed_attempts: 0,
-                dropped: 0,
-                stop: false,
-                sender_running: true,
-            }),
-            changed: Condvar::new(),
-        });
-        let sender = std::thread::Builder::new()
-            .name("cprof-push".into())
-            .spawn({
-                let shared = Arc::clone(&shared);
-                move || send_loop(&shared, client, timing)
-            })
-            .context("cannot start the push thread")?;
-        tracing::info!(url = settings.url, spool = %spool_dir.display(), "pushing profiles");
-        Ok(Self {
-            shared,
-            sender: Some(sender),
-        })
+        Self::prepare_with(settings, spool_dir, caps, timing)?.start()
     }
 
+    /// What [`Pusher::start`] does before it starts the sender thread: read the credential
+    /// files, open the spool. The agent prepares before attaching the probes (a bad setting
+    /// fails the start at once) and starts once capabilities are dropped.
+    pub fn prepare(
+        settings: &PushSettings,
+        spool_dir: &Path,
+        caps: SpoolCaps,
+    ) -> anyhow::Result<PreparedPusher> {
+        Self::prepare_with(settings, spool_dir, caps, PushTiming::default())
+    }
+
+    /// [`Pusher::prepare`] with other timeouts and backoff.
+    pub fn prepare_with(
+        settings: &PushSettings,
+        spool_dir: &Path,
+        caps: SpoolCaps,
+        timing: PushTiming,
+    ) -> anyhow::Result<PreparedPusher> {
+        Ok(PreparedPusher {
+            client: Client::new(settings, &timing)?,
+            spool: Spool::open(spool_dir, caps)?,
+            timing,
+            url: settings.url.clone(),
+            spool_dir: spool_dir.to_owned(),
+        })
+    }
     /// Encodes `job` and stores it in the spool (evicting the oldest requests beyond the caps),
     /// then wakes the sender. Never waits for the network.
     pub fn submit(&self, job: PushJob) -> anyhow::Result<()> {
