@@ -51,6 +51,10 @@ enum Task {
         /// target/bench/report-partial.md instead of the full report.
         #[arg(long, value_name = "NAME")]
         workload: Option<String>,
+        /// After the overhead benchmarks, the churn soak of `cargo xtask soak` for this many
+        /// minutes (its long form; 0 skips it). Writes target/bench/soak.md.
+        #[arg(long, value_name = "MINUTES", default_value_t = 60.0)]
+        soak_minutes: f64,
     },
     /// Run `cprof agent --event all` system-wide for a long time under process churn (hundreds of
     /// processes a second) and report its RSS, file descriptors and caches every 10 s:
@@ -91,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             only_micro,
             skip_micro,
             workload,
+            soak_minutes,
         } => {
             if only_micro {
                 setup::bpf_toolchain(&root)?;
@@ -112,7 +117,11 @@ fn main() -> anyhow::Result<()> {
             } else {
                 Some(micro::run(&root)?)
             };
-            bench::run(&root, &cprof, runs, micro.as_deref(), workload.as_deref())
+            bench::run(&root, &cprof, runs, micro.as_deref(), workload.as_deref())?;
+            if soak_minutes > 0.0 && workload.is_none() {
+                soak::run(&root, &cprof, soak_minutes, 300)?;
+            }
+            Ok(())
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask soak`: `cprof agent` with every signal, system-wide, for a long run while a churn
 //! workload starts and ends hundreds of processes a second. Every 10 s it records the agent's
-//! RSS, open file descriptors, the symbol cache sizes and the BPF entries it reports, and writes
-//! target/bench/soak.md: memory and descriptors must plateau, not grow with the processes seen.
+//! RSS, open file descriptors, the symbol cache sizes, its BPF links and the entries of its BPF
+//! maps (from `/proc/<pid>/fdinfo` and `bpftool map dump`), and writes target/bench/soak.md:
+//! memory, descriptors and map entries must plateau, not grow with the processes seen.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -21,6 +22,51 @@ struct Point {
     user_addresses: f64,
     windows: f64,
     unreadable: f64,
+    links: usize,
+    /// Entries of every map, and of the maps keyed by thread.
+    map_entries: usize,
+    syscall_start: usize,
+    offcpu_start: usize,
+    offcpu_stacks: usize,
+}
+
+/// (links, entries per map name) of the BPF objects `pid` holds.
+fn bpf_objects(pid: u32) -> (usize, std::collections::BTreeMap<String, usize>) {
+    let mut links = 0;
+    let mut entries = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return (0, entries);
+    };
+    let bpftool = |args: &[&str]| -> serde_json::Value {
+        Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    for entry in dir.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+        };
+        if field("link_id:").is_some() {
+            links += 1;
+        }
+        let Some(id) = field("map_id:") else {
+            continue;
+        };
+        let show = bpftool(&["map", "show", "id", id]);
+        let name = show["name"].as_str().unwrap_or("?").to_owned();
+        let dump = bpftool(&["map", "dump", "id", id]);
+        *entries.entry(name).or_default() += dump.as_array().map_or(0, Vec::len);
+    }
+    (links, entries)
 }
 
 pub fn run(root: &Path, cprof: &Path, minutes: f64, rate: u32) -> anyhow::Result<()> {
@@ -62,7 +108,14 @@ pub fn run(root: &Path, cprof: &Path, minutes: f64, rate: u32) -> anyhow::Result
         }
         let metrics = scrape().unwrap_or_default();
         let m = |name: &str| metric(&metrics, name);
+        let (links, entries) = bpf_objects(agent.id());
+        let of = |name: &str| entries.get(name).copied().unwrap_or(0);
         let point = Point {
+            links,
+            map_entries: entries.values().sum(),
+            syscall_start: of("SYSCALL_START"),
+            offcpu_start: of("OFFCPU_START"),
+            offcpu_stacks: of("OFFCPU_STACKS"),
             at: started.elapsed(),
             rss_kib: rss_kib(agent.id()),
             fds: std::fs::read_dir(format!("/proc/{}/fd", agent.id())).map_or(0, Iterator::count),
@@ -72,12 +125,14 @@ pub fn run(root: &Path, cprof: &Path, minutes: f64, rate: u32) -> anyhow::Result
             unreadable: m("cprof_processes_unreadable_total"),
         };
         eprintln!(
-            "soak: {:>5.0} s  rss {:>7} KiB  fds {:>4}  processes cached {:>6}  windows {}",
+            "soak: {:>5.0} s  rss {:>7} KiB  fds {:>4}  processes cached {:>6}  windows {}  links {}  map entries {}",
             point.at.as_secs_f64(),
             point.rss_kib,
             point.fds,
             point.processes,
-            point.windows
+            point.windows,
+            point.links,
+            point.map_entries
         );
         points.push(point);
     }
@@ -117,20 +172,28 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "| time | RSS (KiB) | fds | processes cached | user addresses cached | windows | processes unreadable |"
+        "| time | RSS (KiB) | fds | processes cached | user addresses cached | windows | processes unreadable | BPF links | BPF map entries | SYSCALL_START | OFFCPU_START | OFFCPU_STACKS |"
     );
-    let _ = writeln!(md, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        md,
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for p in points {
         let _ = writeln!(
             md,
-            "| {:.0} s | {} | {} | {} | {} | {} | {} |",
+            "| {:.0} s | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             p.at.as_secs_f64(),
             p.rss_kib,
             p.fds,
             p.processes,
             p.user_addresses,
             p.windows,
-            p.unreadable
+            p.unreadable,
+            p.links,
+            p.map_entries,
+            p.syscall_start,
+            p.offcpu_start,
+            p.offcpu_stacks
         );
     }
     if let (Some(first), Some(last)) = (points.iter().find(|p| p.at.as_secs() >= 60), points.last())
@@ -138,13 +201,23 @@ fn report(
         let max = points.iter().map(|p| p.rss_kib).max().unwrap_or(0);
         let _ = writeln!(
             md,
-            "\nRSS after the first minute {} KiB, at the end {} KiB (x{:.2}), peak {} KiB; fds {} -> {}.",
+            "\nRSS after the first minute {} KiB, at the end {} KiB (x{:.2}), peak {} KiB; fds {} -> {}; BPF links {} -> {}; BPF map entries {} -> {} (SYSCALL_START {} -> {}, OFFCPU_START {} -> {}, OFFCPU_STACKS {} -> {}).",
             first.rss_kib,
             last.rss_kib,
             last.rss_kib as f64 / first.rss_kib.max(1) as f64,
             max,
             first.fds,
-            last.fds
+            last.fds,
+            first.links,
+            last.links,
+            first.map_entries,
+            last.map_entries,
+            first.syscall_start,
+            last.syscall_start,
+            first.offcpu_start,
+            last.offcpu_start,
+            first.offcpu_stacks,
+            last.offcpu_stacks
         );
     }
     let _ = writeln!(
