@@ -47,7 +47,9 @@ pub fn effective() -> std::io::Result<u64> {
     Ok(parse_cap_eff(&status).unwrap_or(0))
 }
 
-fn parse_cap_eff(status: &str) -> Option<u64> {
+/// The `CapEff:` mask of a `/proc/<pid>/status` text.
+#[must_use]
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }

@@ -132,11 +132,15 @@ pub fn process_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
-    // The state follows the parenthesised comm, which may itself contain ')'.
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, Some('Z' | 'X') | None)
+    !matches!(parse_stat_state(&stat), Some('Z' | 'X') | None)
+}
+
+/// The state letter of a `/proc/<pid>/stat` line (`R`, `S`, `Z`, ...). It follows the
+/// parenthesised comm, which may itself contain `) `: the last `) ` ends it.
+#[must_use]
+pub fn parse_stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
 }
 
 fn same_root(their_root: &Path) -> bool {
@@ -175,8 +179,10 @@ pub fn kernel_build_id() -> Option<String> {
     parse_build_id_note(&notes)
 }
 
-/// Finds the `NT_GNU_BUILD_ID` note in a sequence of ELF notes (native endian, 4-byte aligned).
-fn parse_build_id_note(mut notes: &[u8]) -> Option<String> {
+/// Finds the `NT_GNU_BUILD_ID` note in a sequence of ELF notes (native endian, 4-byte aligned),
+/// as lowercase hex. Malformed notes end the search.
+#[must_use]
+pub fn parse_build_id_note(mut notes: &[u8]) -> Option<String> {
     const NT_GNU_BUILD_ID: u32 = 3;
     let word = |b: &[u8]| -> Option<u32> { Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?)) };
     let align = |n: usize| n.div_ceil(4) * 4;

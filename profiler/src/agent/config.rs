@@ -31,10 +31,11 @@ pub struct AgentConfig {
     pub own_pid_namespace: bool,
 }
 
-/// The config file: the flags' names without dashes, every key optional.
+/// The config file: the flags' names without dashes, every key optional. Its values are checked
+/// by [`AgentConfig::from_args`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
+pub struct FileConfig {
     pid: Option<Vec<u32>>,
     cgroup: Option<Vec<PathBuf>>,
     event: Option<String>,
@@ -345,8 +346,9 @@ fn read_file(path: &Path) -> Result<FileConfig, AgentConfigError> {
     })
 }
 
-/// Parses the TOML text of a config file; the error is one line.
-fn parse_file(text: &str) -> Result<FileConfig, String> {
+/// Parses the TOML text of a config file; the error is one line, `line <n>: <message>` where
+/// the TOML parser names a place.
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     toml::from_str(text).map_err(|e| {
         let message = e.message().trim().to_owned();
         match e.span() {

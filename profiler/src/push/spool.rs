@@ -356,8 +356,10 @@ fn read_regular(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(body)
 }
 
-/// The sequence number of a spool file name, or `None` for a file that is not one.
-fn parse_file_name(file_name: &str) -> Option<u64> {
+/// The sequence number of a spool file name (`<seq>-<job name>.push`), or `None` for a file
+/// that is not one.
+#[must_use]
+pub fn parse_file_name(file_name: &str) -> Option<u64> {
     let stem = file_name.strip_suffix(SUFFIX)?;
     let (seq, name) = stem.split_once('-')?;
     if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) || !valid_job_name(name) {
@@ -373,6 +375,7 @@ fn job_name(file_name: &str) -> &str {
 
 /// Job names become file names: ASCII letters, digits, `.`, `_` and `-`, not starting with a
 /// dot, at most 200 bytes.
+#[must_use]
 pub fn valid_job_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
