@@ -31,7 +31,8 @@ impl MapEntry {
     }
 }
 
-/// Parses the text of `/proc/<pid>/maps`. Lines that do not parse are skipped.
+/// Parses the text of `/proc/<pid>/maps`. Lines that do not parse are skipped, and so are
+/// lines whose range ends before it starts.
 #[must_use]
 pub fn parse_maps(text: &str) -> Vec<MapEntry> {
     text.lines().filter_map(parse_maps_line).collect()
@@ -46,9 +47,16 @@ fn parse_maps_line(line: &str) -> Option<MapEntry> {
     let _dev = fields.next()?;
     let _inode = fields.next()?;
     let path = fields.next().unwrap_or("").trim_start();
+    let (start, end) = (
+        u64::from_str_radix(start, 16).ok()?,
+        u64::from_str_radix(end, 16).ok()?,
+    );
+    if start > end {
+        return None;
+    }
     Some(MapEntry {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
+        start,
+        end,
         offset: u64::from_str_radix(offset, 16).ok()?,
         executable: perms.as_bytes().get(2) == Some(&b'x'),
         path: path.to_owned(),
@@ -235,6 +243,14 @@ garbage line
         assert!(!maps[2].is_file());
         assert!(maps[4].is_deleted());
         assert_eq!(maps[5].path, "[vdso]");
+    }
+
+    #[test]
+    fn maps_found_by_fuzzing() {
+        // Was returned as a mapping that ends before it starts (fuzz target proc_maps).
+        let text =
+            "7fcec5d4d000-7fcebccd3000 r--p 00000000 fe:01 1 /usr/lib/locale/C.utf8/LC_TELEPHONE\n";
+        assert_eq!(parse_maps(text), []);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::AgentArgs;
-use crate::config::{ConfigError, RecordConfig, parse_duration, parse_events};
+use crate::config::{ConfigError, RecordConfig, parse_duration, parse_events, seconds_text};
 use crate::push::PushSettings;
 use profiler_common::maps as m;
 
@@ -285,13 +285,13 @@ impl AgentConfig {
         if r.pids.is_none() && self.cgroups.is_empty() && !self.own_pid_namespace {
             let _ = writeln!(out, "# targets: every process");
         }
-        let _ = writeln!(out, "interval = \"{}s\"", self.interval.as_secs_f64());
+        let _ = writeln!(out, "interval = \"{}\"", seconds_text(self.interval));
         let _ = writeln!(
             out,
             "output-dir = {}",
             quote(&r.output_dir.display().to_string())
         );
-        let _ = writeln!(out, "retain-age = \"{}s\"", self.retain_age.as_secs_f64());
+        let _ = writeln!(out, "retain-age = \"{}\"", seconds_text(self.retain_age));
         let _ = writeln!(out, "retain-size = \"{}B\"", self.retain_bytes);
         let _ = writeln!(out, "frequency = {}", r.frequency_hz);
         let _ = writeln!(
@@ -328,9 +328,9 @@ impl AgentConfig {
         }
         let _ = writeln!(out, "stack-map-size = {}", r.stack_map_size);
         let _ = writeln!(out, "count-map-size = {}", r.count_map_size);
-        let _ = writeln!(out, "off-cpu-min = \"{}s\"", r.off_cpu_min.as_secs_f64());
+        let _ = writeln!(out, "off-cpu-min = \"{}\"", seconds_text(r.off_cpu_min));
         let _ = writeln!(out, "off-cpu-threads = {}", r.off_cpu_threads);
-        let _ = writeln!(out, "syscall-slow = \"{}s\"", r.syscall_slow.as_secs_f64());
+        let _ = writeln!(out, "syscall-slow = \"{}\"", seconds_text(r.syscall_slow));
         out
     }
 }
