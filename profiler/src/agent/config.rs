@@ -350,7 +350,14 @@ fn read_file(path: &Path) -> Result<FileConfig, AgentConfigError> {
 /// the TOML parser names a place.
 pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().to_owned();
+        // Some of the parser's messages span lines ("invalid string\nexpected ..."): joined.
+        let message = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
         match e.span() {
             Some(span) => {
                 let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
@@ -546,6 +553,14 @@ mod tests {
         assert!(msg(&["--push-pyroscope", "pyroscope:4040"]).contains("http:// or https://"));
         assert!(msg(&["--cgroup", "/tmp"]).starts_with("--cgroup"));
         assert!(msg(&["--config", "/nonexistent/agent.toml"]).starts_with("--config /nonexistent"));
+    }
+
+    #[test]
+    fn file_errors_found_by_fuzzing() {
+        // The TOML parser's message for this spans two lines ("invalid string\nexpected ...");
+        // the error must stay one line (fuzz target agent_config).
+        let err = parse_file("in=terval = \"2s\"\nretain-sise = \"\0\0\041GiB\"\n").unwrap_err();
+        assert_eq!(err, "line 1: invalid string; expected `\"`, `'`");
     }
 
     #[test]
