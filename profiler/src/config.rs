@@ -147,6 +147,9 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Confi
     const MAX_NS: u128 = 366 * 86_400 * 1_000_000_000;
     /// Fraction digits read; more cannot change the rounded nanoseconds of any unit.
     const MAX_FRACTION_DIGITS: u32 = 24;
+    fn digits(text: &str) -> impl Iterator<Item = u128> + '_ {
+        text.bytes().map(|b| u128::from(b - b'0'))
+    }
     let err = |reason| ConfigError::Duration {
         flag,
         value: value.to_owned(),
@@ -172,9 +175,6 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Confi
         "h" => 3_600_000_000_000,
         _ => return Err(err("unknown unit (use ns, us, ms, s, m or h)")),
     };
-    fn digits(text: &str) -> impl Iterator<Item = u128> + '_ {
-        text.bytes().map(|b| u128::from(b - b'0'))
-    }
     let mut whole_ns: u128 = 0;
     for d in digits(whole) {
         whole_ns = whole_ns * 10 + d * unit_ns;
@@ -299,7 +299,7 @@ mod tests {
         let d = Duration::new(31_622_399, 999_999_999);
         assert_eq!(seconds_text(d), "31622399.999999999s");
         assert_eq!(parse_duration("d", &seconds_text(d)).unwrap(), d);
-        assert_eq!(seconds_text(Duration::from_secs(60)), "60s");
+        assert_eq!(seconds_text(Duration::from_mins(1)), "60s");
         assert_eq!(seconds_text(Duration::from_micros(1)), "0.000001s");
     }
 

@@ -404,7 +404,10 @@ mod tests {
         let rows = p.rows(&Symbols::default());
         assert_eq!((rows[0].count, rows[0].total_ns), (u64::MAX, u64::MAX));
         assert!(rows[0].p50_ns <= rows[0].p99_ns && rows[0].p99_ns <= rows[0].max_ns);
-        assert!(p.log2_histogram(1, 0).contains("|****************************************|"));
+        assert!(
+            p.log2_histogram(1, 0)
+                .contains("|****************************************|")
+        );
     }
 
     #[test]

@@ -559,7 +559,7 @@ mod tests {
     fn file_errors_found_by_fuzzing() {
         // The TOML parser's message for this spans two lines ("invalid string\nexpected ...");
         // the error must stay one line (fuzz target agent_config).
-        let err = parse_file("in=terval = \"2s\"\nretain-sise = \"\0\0\041GiB\"\n").unwrap_err();
+        let err = parse_file("in=terval = \"2s\"\nretain-sise = \"\0\0\x0041GiB\"\n").unwrap_err();
         assert_eq!(err, "line 1: invalid string; expected `\"`, `'`");
     }
 
