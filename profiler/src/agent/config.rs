@@ -266,7 +266,7 @@ impl AgentConfig {
         let r = &self.record;
         let events = r.events.names();
         let mut out = String::new();
-        let quote = |s: &str| format!("{s:?}");
+        let quote = toml_string;
         let _ = writeln!(out, "event = {}", quote(&events.join(",")));
         if let Some(pids) = &r.pids {
             let _ = writeln!(out, "pid = {pids:?}");
@@ -333,6 +333,26 @@ impl AgentConfig {
         let _ = writeln!(out, "syscall-slow = \"{}\"", seconds_text(r.syscall_slow));
         out
     }
+}
+
+/// `s` as a TOML basic string. Not Rust's `{:?}`: its `\u{ad}` escapes are not TOML.
+fn toml_string(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, AgentConfigError> {
@@ -561,6 +581,21 @@ mod tests {
         // the error must stay one line (fuzz target agent_config).
         let err = parse_file("in=terval = \"2s\"\nretain-sise = \"\0\0\x0041GiB\"\n").unwrap_err();
         assert_eq!(err, "line 1: invalid string; expected `\"`, `'`");
+    }
+
+    #[test]
+    fn described_strings_are_toml() {
+        for s in [
+            "plain",
+            "a\"b\\c",
+            "soft\u{ad}hyphen",
+            "tab\tand\u{7f}del",
+            "é/ü",
+        ] {
+            let line = format!("service-name = {}", toml_string(s));
+            let file = parse_file(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(file.service_name.as_deref(), Some(s), "{line}");
+        }
     }
 
     #[test]
