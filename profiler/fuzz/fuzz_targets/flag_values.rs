@@ -1,12 +1,13 @@
 //! Flag and config values: durations ([`cprof::config::parse_duration`]), sizes
 //! ([`cprof::agent::config::parse_size`]) and event lists ([`cprof::config::parse_events`]).
-//! What is accepted is in range and round-trips through the forms `--check-config` prints.
+//! What is accepted is in range and round-trips through the forms `--check-config` prints
+//! ([`seconds_text`], `<n>B`, the event names) and through whole nanoseconds.
 #![no_main]
 
 use std::time::Duration;
 
 use cprof::agent::config::parse_size;
-use cprof::config::{parse_duration, parse_events};
+use cprof::config::{parse_duration, parse_events, seconds_text};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(d) = parse_duration("fuzz", text) {
         assert!(d > Duration::ZERO, "{text:?} gave a zero duration");
         assert!(d <= Duration::from_secs(366 * 86_400), "{text:?} gave {d:?}");
-        let printed = format!("{}s", d.as_secs_f64());
+        let printed = seconds_text(d);
         assert_eq!(parse_duration("fuzz", &printed).ok(), Some(d), "{text:?} printed as {printed}");
         let ns = format!("{}ns", d.as_nanos());
         assert_eq!(parse_duration("fuzz", &ns).ok(), Some(d), "{text:?} printed as {ns}");
