@@ -35,6 +35,11 @@ const KIND_DATASEC: u32 = 15;
 const KIND_DECL_TAG: u32 = 17;
 const KIND_ENUM64: u32 = 19;
 
+/// Anonymous structs and unions nested deeper than this are not searched (kernels nest a few).
+const MAX_ANONYMOUS_NESTING: u32 = 16;
+/// Members looked at by one field lookup, at most (`task_struct` has a few hundred).
+const MAX_MEMBERS_SEARCHED: u32 = 100_000;
+
 #[derive(Clone, Debug)]
 struct Member {
     name: u32,
@@ -183,7 +188,8 @@ impl Btf {
             .structs_by_name
             .get(strukt)
             .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
-        self.find_member(id, field, 0)
+        let mut budget = MAX_MEMBERS_SEARCHED;
+        self.find_member(id, field, 0, 0, &mut budget)
             .map(|bits| bits / 8)
             .ok_or_else(|| BtfError::NoField {
                 strukt: strukt.into(),
@@ -191,16 +197,32 @@ impl Btf {
             })
     }
 
-    fn find_member(&self, type_id: u32, field: &str, base_bits: u32) -> Option<u32> {
+    /// The bit offset of `field` in type `type_id` (at `base_bits` in the outer struct).
+    /// `depth` and `budget` bound the search in a malformed blob, where a struct can be its own
+    /// anonymous member or nest a chain of them that fans out.
+    fn find_member(
+        &self,
+        type_id: u32,
+        field: &str,
+        base_bits: u32,
+        depth: u32,
+        budget: &mut u32,
+    ) -> Option<u32> {
+        if depth > MAX_ANONYMOUS_NESTING {
+            return None;
+        }
         let ty = self.types.get(type_id as usize)?;
         for m in &ty.members {
-            let bits = base_bits + m.bit_offset;
+            *budget = budget.checked_sub(1)?;
+            let Some(bits) = base_bits.checked_add(m.bit_offset) else {
+                continue;
+            };
             if m.name != 0 && self.string(m.name) == field {
                 return Some(bits);
             }
             // Anonymous members are structs or unions whose fields belong to the outer struct.
             if m.name == 0
-                && let Some(found) = self.find_member(m.type_id, field, bits)
+                && let Some(found) = self.find_member(m.type_id, field, bits, depth + 1, budget)
             {
                 return Some(found);
             }
@@ -230,6 +252,51 @@ mod tests {
             btf.field_offset("no_such_struct", "x"),
             Err(BtfError::NoStruct(_))
         ));
+    }
+
+    /// A blob with one struct `s` whose members are `(name offset, type id, bit offset)`;
+    /// strings: "\0s\0x\0".
+    fn one_struct(members: &[(u32, u32, u32)]) -> Vec<u8> {
+        let mut types = Vec::new();
+        for v in [1u32, (4 << 24) | members.len() as u32, 8] {
+            types.extend_from_slice(&v.to_ne_bytes());
+        }
+        for &(name, ty, offset) in members {
+            for v in [name, ty, offset] {
+                types.extend_from_slice(&v.to_ne_bytes());
+            }
+        }
+        let strings = b"\0s\0x\0";
+        let mut blob = vec![0x9f, 0xeb, 1, 0];
+        for v in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            blob.extend_from_slice(&v.to_ne_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(strings);
+        blob
+    }
+
+    #[test]
+    fn lookups_in_malformed_structs_end() {
+        // An anonymous member of the struct's own type: the lookup recursed until the stack
+        // overflowed.
+        let btf = Btf::parse(&one_struct(&[(0, 1, 0)])).unwrap();
+        assert!(matches!(
+            btf.field_offset("s", "x"),
+            Err(BtfError::NoField { .. })
+        ));
+        // Anonymous members fanning out: two of the struct's own type, 2^depth paths.
+        let btf = Btf::parse(&one_struct(&[(0, 1, 0), (0, 1, 0)])).unwrap();
+        assert!(btf.field_offset("s", "x").is_err());
+        // Bit offsets that overflow u32 when nested.
+        let btf = Btf::parse(&one_struct(&[(0, 1, u32::MAX), (3, 1, 8)])).unwrap();
+        assert!(btf.field_offset("s", "x").is_ok());
     }
 
     #[test]

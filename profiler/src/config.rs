@@ -149,7 +149,16 @@ pub fn parse_events(list: &str) -> Result<crate::bpf::Events, ConfigError> {
 }
 
 /// Parses `10`, `10s`, `250ms`, `1.5s`, `5m`, `1h`, `1us`, `500ns` (a bare number is seconds).
+/// Decimal digits are read exactly (no floating point), rounded to the nearest nanosecond:
+/// whatever [`seconds_text`] prints reads back to the same duration.
 pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    /// A year: longer is refused. Leaves room in `u128` for every product below.
+    const MAX_NS: u128 = 366 * 86_400 * 1_000_000_000;
+    /// Fraction digits read; more cannot change the rounded nanoseconds of any unit.
+    const MAX_FRACTION_DIGITS: u32 = 24;
+    fn digits(text: &str) -> impl Iterator<Item = u128> + '_ {
+        text.bytes().map(|b| u128::from(b - b'0'))
+    }
     let err = |reason| ConfigError::Duration {
         flag,
         value: value.to_owned(),
@@ -160,25 +169,56 @@ pub fn parse_duration(flag: &'static str, value: &str) -> Result<Duration, Confi
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| err("expected a number with an optional unit: ns, us, ms, s, m, h"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => number,
-        "ms" => number / 1e3,
-        "us" | "µs" => number / 1e6,
-        "ns" => number / 1e9,
-        "m" | "min" => number * 60.0,
-        "h" => number * 3600.0,
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
+        return Err(err(
+            "expected a number with an optional unit: ns, us, ms, s, m, h",
+        ));
+    }
+    let unit_ns: u128 = match unit.trim() {
+        "" | "s" => 1_000_000_000,
+        "ms" => 1_000_000,
+        "us" | "µs" => 1_000,
+        "ns" => 1,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
         _ => return Err(err("unknown unit (use ns, us, ms, s, m or h)")),
     };
-    if !(seconds.is_finite() && seconds > 0.0) {
-        return Err(err("must be greater than zero"));
+    let mut whole_ns: u128 = 0;
+    for d in digits(whole) {
+        whole_ns = whole_ns * 10 + d * unit_ns;
+        if whole_ns > MAX_NS {
+            return Err(err("must be at most a year"));
+        }
     }
-    if seconds > 366.0 * 86_400.0 {
+    let fraction = &fraction[..fraction.len().min(MAX_FRACTION_DIGITS as usize)];
+    let scale = 10u128.pow(fraction.len() as u32);
+    let fraction_ns = digits(fraction).fold(0, |n, d| n * 10 + d) * unit_ns;
+    let ns = whole_ns + (fraction_ns + scale / 2) / scale;
+    if ns == 0 {
+        let exact_zero = whole_ns == 0 && fraction_ns == 0;
+        return Err(err(if exact_zero {
+            "must be greater than zero"
+        } else {
+            "must be at least 1ns"
+        }));
+    }
+    if ns > MAX_NS {
         return Err(err("must be at most a year"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(Duration::from_nanos(ns as u64))
+}
+
+/// A duration as exact decimal seconds, the way `--check-config` prints it: `60s`, `0.000001s`.
+/// [`parse_duration`] reads it back to the same duration.
+#[must_use]
+pub fn seconds_text(d: Duration) -> String {
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    if nanos == 0 {
+        return format!("{secs}s");
+    }
+    let fraction = format!("{nanos:09}");
+    format!("{secs}.{}s", fraction.trim_end_matches('0'))
 }
 
 #[cfg(test)]
@@ -219,12 +259,57 @@ mod tests {
         );
         assert_eq!(parse_duration("d", "2m").unwrap(), Duration::from_mins(2));
         assert_eq!(parse_duration("d", "1h").unwrap(), Duration::from_hours(1));
-        for bad in ["", "0", "-1", "abc", "10 parsecs", "1e400"] {
+        assert_eq!(
+            parse_duration("d", "1.5us").unwrap(),
+            Duration::from_nanos(1500)
+        );
+        assert_eq!(
+            parse_duration("d", ".5").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_duration("d", "2.").unwrap(), Duration::from_secs(2));
+        assert_eq!(
+            parse_duration("d", "0.6ns").unwrap(),
+            Duration::from_nanos(1)
+        );
+        assert_eq!(
+            parse_duration("d", "366d").unwrap_err().to_string(),
+            "--d \"366d\": unknown unit (use ns, us, ms, s, m or h)"
+        );
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "abc",
+            "10 parsecs",
+            "1e400",
+            ".",
+            "1.2.3",
+            "0.000",
+            "8785h",
+        ] {
             assert!(
                 parse_duration("d", bad).is_err(),
                 "{bad:?} should be refused"
             );
         }
+        assert!(parse_duration("d", "8784h").is_ok(), "a leap year");
+        assert!(parse_duration("d", &"9".repeat(60)).is_err());
+    }
+
+    #[test]
+    fn durations_found_by_fuzzing() {
+        // Was accepted as a zero duration (0.2 ns through f64 seconds).
+        assert_eq!(
+            parse_duration("d", ".2ns").unwrap_err().to_string(),
+            "--d \".2ns\": must be at least 1ns"
+        );
+        // Printed and read back through f64 seconds, this came back 1 ns short.
+        let d = Duration::new(31_622_399, 999_999_999);
+        assert_eq!(seconds_text(d), "31622399.999999999s");
+        assert_eq!(parse_duration("d", &seconds_text(d)).unwrap(), d);
+        assert_eq!(seconds_text(Duration::from_mins(1)), "60s");
+        assert_eq!(seconds_text(Duration::from_micros(1)), "0.000001s");
     }
 
     #[test]

@@ -43,3 +43,11 @@ pub mod tcp;
 #[rustfmt::skip]
 pub mod tables;
 pub mod top;
+
+/// The parsers that are private to their modules, re-exported unchanged for the fuzz targets in
+/// `profiler/fuzz/` (the public ones are fuzzed where they are). Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::push::client::{CredentialKind, credential_header};
+    pub use crate::push::spool::{parse_file_name as parse_spool_file_name, valid_job_name};
+}

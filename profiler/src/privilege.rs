@@ -266,6 +266,13 @@ pub fn effective() -> io::Result<u64> {
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
+/// The `CapEff:` mask of a `/proc/<pid>/status` text (the tests read other threads' sets so).
+#[must_use]
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 /// Which of `wanted` the effective set `eff` lacks. `CAP_SYS_ADMIN` stands in for `CAP_BPF` and
 /// `CAP_PERFMON`, as the kernel accepts it for both.
 #[must_use]

@@ -49,7 +49,8 @@ impl MapEntry {
     }
 }
 
-/// Parses the text of `/proc/<pid>/maps`. Lines that do not parse are skipped.
+/// Parses the text of `/proc/<pid>/maps`. Lines that do not parse are skipped, and so are
+/// lines whose range ends before it starts.
 #[must_use]
 pub fn parse_maps(text: &str) -> Vec<MapEntry> {
     text.lines().filter_map(parse_maps_line).collect()
@@ -64,9 +65,16 @@ fn parse_maps_line(line: &str) -> Option<MapEntry> {
     let (major, minor) = fields.next()?.split_once(':')?;
     let inode = fields.next()?;
     let path = fields.next().unwrap_or("").trim_start();
+    let (start, end) = (
+        u64::from_str_radix(start, 16).ok()?,
+        u64::from_str_radix(end, 16).ok()?,
+    );
+    if start > end {
+        return None;
+    }
     Some(MapEntry {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
+        start,
+        end,
         offset: u64::from_str_radix(offset, 16).ok()?,
         executable: perms.as_bytes().get(2) == Some(&b'x'),
         dev: libc::makedev(
@@ -264,11 +272,15 @@ pub fn process_alive(pid: u32) -> bool {
 /// Whether the task of this `stat` file runs (is not a zombie); `None` when it is gone.
 fn task_running(stat: &Path) -> Option<bool> {
     let stat = std::fs::read_to_string(stat).ok()?;
-    // The state follows the parenthesised comm, which may itself contain ')'.
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    Some(!matches!(state, Some('Z' | 'X') | None))
+    Some(!matches!(parse_stat_state(&stat), Some('Z' | 'X') | None))
+}
+
+/// The state letter of a `/proc/<pid>/stat` line (`R`, `S`, `Z`, ...). It follows the
+/// parenthesised comm, which may itself contain `) `: the last `) ` ends it.
+#[must_use]
+pub fn parse_stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -288,8 +300,10 @@ pub fn kernel_build_id() -> Option<String> {
     parse_build_id_note(&notes)
 }
 
-/// Finds the `NT_GNU_BUILD_ID` note in a sequence of ELF notes (native endian, 4-byte aligned).
-fn parse_build_id_note(mut notes: &[u8]) -> Option<String> {
+/// Finds the `NT_GNU_BUILD_ID` note in a sequence of ELF notes (native endian, 4-byte aligned),
+/// as lowercase hex. Malformed notes end the search.
+#[must_use]
+pub fn parse_build_id_note(mut notes: &[u8]) -> Option<String> {
     const NT_GNU_BUILD_ID: u32 = 3;
     let word = |b: &[u8]| -> Option<u32> { Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?)) };
     let align = |n: usize| n.div_ceil(4) * 4;
@@ -346,6 +360,14 @@ garbage line
         assert_eq!(maps[4].file_path(), "/tmp/gone");
         assert_eq!(maps[2].inode, 0);
         assert_eq!(maps[5].path, "[vdso]");
+    }
+
+    #[test]
+    fn maps_found_by_fuzzing() {
+        // Was returned as a mapping that ends before it starts (fuzz target proc_maps).
+        let text =
+            "7fcec5d4d000-7fcebccd3000 r--p 00000000 fe:01 1 /usr/lib/locale/C.utf8/LC_TELEPHONE\n";
+        assert_eq!(parse_maps(text), []);
     }
 
     #[test]

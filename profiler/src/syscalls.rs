@@ -72,7 +72,7 @@ pub fn percentile(buckets: &[(u32, u64)], count: u64, max_ns: u64, q: f64) -> u6
     }
     let mut seen = 0;
     for &(i, n) in buckets {
-        seen += n;
+        seen = u64::saturating_add(seen, n);
         if seen >= rank {
             let (low, high) = histogram::bounds(i as usize);
             let high = high.min(max_ns.max(low));
@@ -107,7 +107,7 @@ pub fn merge_buckets(total: &mut Vec<(u32, u64)>, add: &[(u32, u64)]) {
             (Some(&&(i, n)), Some(&&(j, m))) if i == j => {
                 a.next();
                 b.next();
-                (i, n + m)
+                (i, n.saturating_add(m))
             }
             (Some(&&x), Some(&&y)) if x.0 < y.0 => {
                 a.next();
@@ -146,16 +146,19 @@ impl SyscallProfile {
             if h.comm.is_empty() {
                 h.comm = s.comm;
             }
-            h.count += s.count;
-            h.total_ns += s.total_ns;
+            // Saturating: a long recording of many threads blocked in one syscall can sum more
+            // than 2^64 ns (584 years) of it.
+            h.count = h.count.saturating_add(s.count);
+            h.total_ns = h.total_ns.saturating_add(s.total_ns);
             h.max_ns = h.max_ns.max(s.max_ns);
-            h.bytes += s.bytes;
-            h.errors += s.errors;
+            h.bytes = h.bytes.saturating_add(s.bytes);
+            h.errors = h.errors.saturating_add(s.errors);
             merge_buckets(&mut h.buckets, &s.buckets);
         }
         for e in errnos {
             let h = self.histograms.entry((e.pid, e.nr)).or_default();
-            *h.errnos.entry(e.errno).or_default() += e.count;
+            let n = h.errnos.entry(e.errno).or_default();
+            *n = n.saturating_add(e.count);
         }
         for s in slow {
             let key = SlowKey {
@@ -166,8 +169,8 @@ impl SyscallProfile {
                 user: s.user,
             };
             let v = self.slow.entry(key).or_default();
-            v.0 += s.total_ns;
-            v.1 += s.count;
+            v.0 = v.0.saturating_add(s.total_ns);
+            v.1 = v.1.saturating_add(s.count);
         }
     }
 
@@ -318,7 +321,8 @@ impl SyscallProfile {
         for &(i, n) in &h.buckets {
             let us = histogram::bounds(i as usize).0 / 1000;
             let slot = if us == 0 { 1 } else { us.ilog2() + 1 };
-            *log2.entry(slot).or_default() += n;
+            let count = log2.entry(slot).or_default();
+            *count = count.saturating_add(n);
         }
         let (Some(&last), Some(&peak)) = (log2.keys().last(), log2.values().max()) else {
             return String::new();
@@ -331,7 +335,7 @@ impl SyscallProfile {
             } else {
                 (1u64 << (slot - 1), (1u64 << slot) - 1)
             };
-            let stars = (n * 40).div_ceil(peak.max(1)) as usize;
+            let stars = (u128::from(n) * 40).div_ceil(u128::from(peak.max(1))) as usize;
             let _ = writeln!(
                 out,
                 "{low:>10} -> {high:<10} : {n:<8} |{:<40}|",
@@ -386,6 +390,24 @@ mod tests {
         }
         assert_eq!(p(1.0), 10_000_000);
         assert_eq!(percentile(&r.buckets, 0, 0, 0.5), 0);
+    }
+
+    #[test]
+    fn sums_saturate_found_by_fuzzing() {
+        // Two drains whose sums overflow u64 panicked (fuzz target syscall_stats).
+        let mut big = raw(u64::MAX - 1, &[5_000]);
+        (big.total_ns, big.max_ns, big.bytes) = (u64::MAX, u64::MAX, u64::MAX);
+        big.buckets = vec![(3, u64::MAX), (591, 2)];
+        let mut p = SyscallProfile::default();
+        p.add(vec![big.clone()], &[], vec![]);
+        p.add(vec![big], &[], vec![]);
+        let rows = p.rows(&Symbols::default());
+        assert_eq!((rows[0].count, rows[0].total_ns), (u64::MAX, u64::MAX));
+        assert!(rows[0].p50_ns <= rows[0].p99_ns && rows[0].p99_ns <= rows[0].max_ns);
+        assert!(
+            p.log2_histogram(1, 0)
+                .contains("|****************************************|")
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Debian packages of the real clients the tests check against (`go tool pprof`).
 
 mod bench;
+mod fuzz;
 mod micro;
 mod setup;
 mod soak;
@@ -67,9 +68,19 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         rate: u32,
     },
+    /// Fuzz every parser (`profiler/fuzz/`, cargo-fuzz with the nightly toolchain) for a time
+    /// each; fails on a crash, naming the input and the command that reproduces it.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (for example `proc_maps`); default: every target.
+        target: Option<String>,
+    },
     /// Regenerate profiler/src/tables.rs (syscall and errno names) from the kernel headers.
     GenTables,
-    /// Build, install the test clients, run every test (unit and privileged integration tests).
+    /// Build, install the test clients, run every test (unit and privileged integration tests),
+    /// then fuzz every parser briefly (skipped when a test filter is given).
     Test {
         /// Extra arguments for the test harness (for example a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -85,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { seconds } => demo(&root, seconds),
         Task::Test { args } => test(&root, &args),
         Task::GenTables => tables::generate(&root),
+        Task::Fuzz { seconds, target } => fuzz::run(&root, seconds, target.as_deref()),
         Task::Soak { minutes, rate } => {
             let cprof = build(&root)?;
             require_root("the soak loads eBPF programs")?;
@@ -229,7 +241,12 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     if passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    if args.is_empty() {
+        fuzz::run(root, fuzz::TEST_SECONDS, None)
+    } else {
+        println!("xtask: a test filter was given; not fuzzing");
+        Ok(())
+    }
 }
 
 /// `test result: ok. 23 passed; 0 failed; ...` -> (23, 0).

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::AgentArgs;
-use crate::config::{ConfigError, RecordConfig, parse_duration, parse_events};
+use crate::config::{ConfigError, RecordConfig, parse_duration, parse_events, seconds_text};
 use crate::push::PushSettings;
 use profiler_common::maps as m;
 
@@ -31,10 +31,11 @@ pub struct AgentConfig {
     pub own_pid_namespace: bool,
 }
 
-/// The config file: the flags' names without dashes, every key optional.
+/// The config file: the flags' names without dashes, every key optional. Its values are checked
+/// by [`AgentConfig::from_args`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
+pub struct FileConfig {
     pid: Option<Vec<u32>>,
     cgroup: Option<Vec<PathBuf>>,
     event: Option<String>,
@@ -266,7 +267,7 @@ impl AgentConfig {
         let r = &self.record;
         let events = r.events.names();
         let mut out = String::new();
-        let quote = |s: &str| format!("{s:?}");
+        let quote = toml_string;
         let _ = writeln!(out, "event = {}", quote(&events.join(",")));
         if let Some(pids) = &r.pids {
             let _ = writeln!(out, "pid = {pids:?}");
@@ -285,13 +286,13 @@ impl AgentConfig {
         if r.pids.is_none() && self.cgroups.is_empty() && !self.own_pid_namespace {
             let _ = writeln!(out, "# targets: every process");
         }
-        let _ = writeln!(out, "interval = \"{}s\"", self.interval.as_secs_f64());
+        let _ = writeln!(out, "interval = \"{}\"", seconds_text(self.interval));
         let _ = writeln!(
             out,
             "output-dir = {}",
             quote(&r.output_dir.display().to_string())
         );
-        let _ = writeln!(out, "retain-age = \"{}s\"", self.retain_age.as_secs_f64());
+        let _ = writeln!(out, "retain-age = \"{}\"", seconds_text(self.retain_age));
         let _ = writeln!(out, "retain-size = \"{}B\"", self.retain_bytes);
         let _ = writeln!(out, "frequency = {}", r.frequency_hz);
         let _ = writeln!(
@@ -328,11 +329,31 @@ impl AgentConfig {
         }
         let _ = writeln!(out, "stack-map-size = {}", r.stack_map_size);
         let _ = writeln!(out, "count-map-size = {}", r.count_map_size);
-        let _ = writeln!(out, "off-cpu-min = \"{}s\"", r.off_cpu_min.as_secs_f64());
+        let _ = writeln!(out, "off-cpu-min = \"{}\"", seconds_text(r.off_cpu_min));
         let _ = writeln!(out, "off-cpu-threads = {}", r.off_cpu_threads);
-        let _ = writeln!(out, "syscall-slow = \"{}s\"", r.syscall_slow.as_secs_f64());
+        let _ = writeln!(out, "syscall-slow = \"{}\"", seconds_text(r.syscall_slow));
         out
     }
+}
+
+/// `s` as a TOML basic string. Not Rust's `{:?}`: its `\u{ad}` escapes are not TOML.
+fn toml_string(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, AgentConfigError> {
@@ -346,10 +367,18 @@ fn read_file(path: &Path) -> Result<FileConfig, AgentConfigError> {
     })
 }
 
-/// Parses the TOML text of a config file; the error is one line.
-fn parse_file(text: &str) -> Result<FileConfig, String> {
+/// Parses the TOML text of a config file; the error is one line, `line <n>: <message>` where
+/// the TOML parser names a place.
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().to_owned();
+        // Some of the parser's messages span lines ("invalid string\nexpected ..."): joined.
+        let message = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
         match e.span() {
             Some(span) => {
                 let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
@@ -545,6 +574,29 @@ mod tests {
         assert!(msg(&["--push-pyroscope", "pyroscope:4040"]).contains("http:// or https://"));
         assert!(msg(&["--cgroup", "/tmp"]).starts_with("--cgroup"));
         assert!(msg(&["--config", "/nonexistent/agent.toml"]).starts_with("--config /nonexistent"));
+    }
+
+    #[test]
+    fn file_errors_found_by_fuzzing() {
+        // The TOML parser's message for this spans two lines ("invalid string\nexpected ...");
+        // the error must stay one line (fuzz target agent_config).
+        let err = parse_file("in=terval = \"2s\"\nretain-sise = \"\0\0\x0041GiB\"\n").unwrap_err();
+        assert_eq!(err, "line 1: invalid string; expected `\"`, `'`");
+    }
+
+    #[test]
+    fn described_strings_are_toml() {
+        for s in [
+            "plain",
+            "a\"b\\c",
+            "soft\u{ad}hyphen",
+            "tab\tand\u{7f}del",
+            "é/ü",
+        ] {
+            let line = format!("service-name = {}", toml_string(s));
+            let file = parse_file(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(file.service_name.as_deref(), Some(s), "{line}");
+        }
     }
 
     #[test]

@@ -614,17 +614,12 @@ async fn answer(conn: &mut tokio::net::TcpStream, metrics: &Metrics) -> std::io:
             .await;
         }
     }
-    let line = String::from_utf8_lossy(&request);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            let body = metrics.render();
-            let body = if method == "HEAD" {
+    match route(&request) {
+        Route::Metrics { head } => {
+            let body = if head {
                 String::new()
             } else {
-                body
+                metrics.render()
             };
             respond(
                 conn,
@@ -634,7 +629,7 @@ async fn answer(conn: &mut tokio::net::TcpStream, metrics: &Metrics) -> std::io:
             )
             .await
         }
-        ("GET", "/") => {
+        Route::Index => {
             respond(
                 conn,
                 "200 OK",
@@ -643,8 +638,40 @@ async fn answer(conn: &mut tokio::net::TcpStream, metrics: &Metrics) -> std::io:
             )
             .await
         }
-        ("GET" | "HEAD", _) => respond(conn, "404 Not Found", "text/plain", "not found\n").await,
-        _ => respond(conn, "405 Method Not Allowed", "text/plain", "GET only\n").await,
+        Route::NotFound => respond(conn, "404 Not Found", "text/plain", "not found\n").await,
+        Route::NotAllowed => {
+            respond(conn, "405 Method Not Allowed", "text/plain", "GET only\n").await
+        }
+    }
+}
+
+/// What the metrics endpoint answers to a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /metrics` (`head`: `HEAD /metrics`, headers only).
+    Metrics {
+        head: bool,
+    },
+    /// `GET /`: a line pointing at `/metrics`.
+    Index,
+    NotFound,
+    NotAllowed,
+}
+
+/// Routes a request by its request line (`GET /metrics?x HTTP/1.1`); the rest is not read.
+#[must_use]
+pub fn route(request: &[u8]) -> Route {
+    let line = String::from_utf8_lossy(request);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => Route::Metrics {
+            head: method == "HEAD",
+        },
+        ("GET", "/") => Route::Index,
+        ("GET" | "HEAD", _) => Route::NotFound,
+        _ => Route::NotAllowed,
     }
 }
 

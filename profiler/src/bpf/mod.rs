@@ -20,7 +20,7 @@ use profiler_common::{globals, maps as m, stat};
 pub use offcpu::{RawWait, Waker};
 pub use oncpu::RawSample;
 pub use syscall::{RawErrno, RawSlow, RawSyscall};
-pub use tcp::RawTcpEvent;
+pub use tcp::{RawTcpEvent, decode_tcp_event};
 
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -601,7 +601,10 @@ where
     T::try_from(map).map_err(|source| BpfError::Map { name, source })
 }
 
-pub(crate) fn comm_string(comm: &[u8]) -> String {
+/// A task name as the kernel stores it (a NUL-padded byte array) as text: up to the first NUL,
+/// invalid UTF-8 replaced.
+#[must_use]
+pub fn comm_string(comm: &[u8]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }

@@ -25,6 +25,30 @@ pub struct RawSyscall {
     pub buckets: Vec<(u32, u64)>,
 }
 
+impl RawSyscall {
+    /// One entry of a histogram map, its dense buckets made sparse.
+    #[must_use]
+    pub fn from_stats(key: &SyscallKey, s: &SyscallStats) -> Self {
+        Self {
+            pid: key.pid,
+            nr: key.nr,
+            count: s.count,
+            total_ns: s.total_ns,
+            max_ns: s.max_ns,
+            bytes: s.bytes,
+            errors: s.errors,
+            comm: comm_string(&s.comm),
+            buckets: s
+                .buckets
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, &c)| (i as u32, u64::from(c)))
+                .collect(),
+        }
+    }
+}
+
 /// One drained errno count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawErrno {
@@ -88,23 +112,7 @@ impl Syscalls {
         for entry in &self.histograms[idle] {
             let (key, s) = entry.map_err(map_err(ab(m::SYSCALLS_A, m::SYSCALLS_B)))?;
             keys.push(key);
-            histograms.push(RawSyscall {
-                pid: key.pid,
-                nr: key.nr,
-                count: s.count,
-                total_ns: s.total_ns,
-                max_ns: s.max_ns,
-                bytes: s.bytes,
-                errors: s.errors,
-                comm: comm_string(&s.comm),
-                buckets: s
-                    .buckets
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| **c > 0)
-                    .map(|(i, &c)| (i as u32, u64::from(c)))
-                    .collect(),
-            });
+            histograms.push(RawSyscall::from_stats(&key, &s));
         }
         for key in &keys {
             let _ = self.histograms[idle].remove(key);

@@ -23,6 +23,19 @@ pub struct RawTcpEvent {
     pub user: Option<Vec<u64>>,
 }
 
+/// One ring buffer record as a [`TcpEvent`]; `None` when it is shorter than one (the programs
+/// write whole events only). Bytes past the event are ignored.
+#[must_use]
+pub fn decode_tcp_event(record: &[u8]) -> Option<TcpEvent> {
+    if record.len() < size_of::<TcpEvent>() {
+        return None;
+    }
+    // SAFETY: `record` holds at least `size_of::<TcpEvent>()` bytes and every bit pattern is a
+    // valid `TcpEvent` (integers and byte arrays only, `aya::Pod`). Read unaligned: nothing
+    // promises the record's alignment.
+    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
+}
+
 /// Where the socket fields are on this kernel.
 pub fn offsets(btf: &crate::btf::Btf) -> Result<TcpOffsets, BpfError> {
     // `struct sock` starts with its `struct sock_common`, `struct tcp_sock` with a `struct sock`.
@@ -63,12 +76,7 @@ impl Tcp {
     pub(super) fn drain(&mut self) -> Vec<RawTcpEvent> {
         let mut events = Vec::new();
         while let Some(item) = self.events.next() {
-            if item.len() < size_of::<TcpEvent>() {
-                continue;
-            }
-            // SAFETY: the programs write whole `TcpEvent`s; read unaligned from the ring.
-            let event: TcpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            events.push(event);
+            events.extend(decode_tcp_event(&item));
         }
         events
             .into_iter()

@@ -7,7 +7,7 @@
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use base64::Engine as _;
 
 use super::{PushSettings, PushTiming};
@@ -47,9 +47,12 @@ pub fn outcome(status: u16, first_line: &str) -> Outcome {
     }
 }
 
+/// How a credential file is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum CredentialKind {
+pub enum CredentialKind {
+    /// `user:password`, sent as `Authorization: Basic <base64>`.
     Basic,
+    /// A token, sent as `Authorization: Bearer <token>`.
     Bearer,
 }
 
@@ -89,21 +92,25 @@ fn read_credential(kind: CredentialKind, path: &Path) -> anyhow::Result<String> 
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the {what} {}", path.display()))?;
-    let line = text.strip_suffix('\n').unwrap_or(&text);
+    credential_header(kind, &text)
+        .map_err(|reason| anyhow!("the {what} {} {reason}", path.display()))
+}
+
+/// The `Authorization` value from the text of a credential file, or why the text cannot be one
+/// (`is empty`, ...). The value never holds a control character: no header can be injected.
+pub fn credential_header(kind: CredentialKind, text: &str) -> Result<String, &'static str> {
+    let line = text.strip_suffix('\n').unwrap_or(text);
     let line = line.strip_suffix('\r').unwrap_or(line);
     if line.trim().is_empty() {
-        bail!("the {what} {} is empty", path.display());
+        return Err("is empty");
     }
     if line.chars().any(char::is_control) {
-        bail!(
-            "the {what} {} must hold one line without control characters",
-            path.display()
-        );
+        return Err("must hold one line without control characters");
     }
     Ok(match kind {
         CredentialKind::Basic => {
             if !line.contains(':') {
-                bail!("the {what} {} must hold user:password", path.display());
+                return Err("must hold user:password");
             }
             format!(
                 "Basic {}",

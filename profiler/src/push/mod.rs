@@ -7,9 +7,9 @@
 //! deletes each one the backend accepts or refuses for good. Failed attempts back off
 //! exponentially. What is not delivered at shutdown stays in the spool for the next start.
 
-mod client;
+pub(crate) mod client;
 pub mod proto;
-mod spool;
+pub(crate) mod spool;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

@@ -356,14 +356,17 @@ fn read_regular(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(body)
 }
 
-/// The sequence number of a spool file name, or `None` for a file that is not one.
-fn parse_file_name(file_name: &str) -> Option<u64> {
+/// The sequence number of a spool file name (`<seq>-<job name>.push`), or `None` for a file
+/// that is not one. We never write `u64::MAX`: the spool goes on at the number after the
+/// largest it finds.
+#[must_use]
+pub fn parse_file_name(file_name: &str) -> Option<u64> {
     let stem = file_name.strip_suffix(SUFFIX)?;
     let (seq, name) = stem.split_once('-')?;
     if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) || !valid_job_name(name) {
         return None;
     }
-    seq.parse().ok()
+    seq.parse().ok().filter(|&seq| seq < u64::MAX)
 }
 
 fn job_name(file_name: &str) -> &str {
@@ -373,6 +376,7 @@ fn job_name(file_name: &str) -> &str {
 
 /// Job names become file names: ASCII letters, digits, `.`, `_` and `-`, not starting with a
 /// dot, at most 200 bytes.
+#[must_use]
 pub fn valid_job_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
@@ -586,6 +590,12 @@ mod tests {
         assert_eq!(parse_file_name("0000000007-.push"), None);
         assert_eq!(parse_file_name("0000000007-cpu.push.tmp"), None);
         assert_eq!(job_name("0000000007-cpu-2026.push"), "cpu-2026");
+        // Loading it overflowed the next sequence number (fuzz target file_names).
+        assert_eq!(parse_file_name("18446744073709551615-cpu.push"), None);
+        assert_eq!(
+            parse_file_name("18446744073709551614-cpu.push"),
+            Some(u64::MAX - 1)
+        );
         assert!(valid_job_name("cpu-20261122T101500Z"));
         assert!(!valid_job_name("../etc"));
         assert!(!valid_job_name("a/b"));

@@ -1,0 +1,47 @@
+//! `/proc/<pid>/maps` text ([`cprof::procfs::parse_maps`]): every entry is a mapping with
+//! `start <= end` that renders back to a line parsing to itself, and
+//! [`ProcessInfo::mapping_of`] finds each executable mapping by its first address.
+#![no_main]
+
+use cprof::procfs::{MapEntry, ProcessInfo, parse_maps};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let maps = parse_maps(text);
+    assert!(maps.len() <= text.lines().count(), "at most one entry per line");
+    for m in &maps {
+        assert!(m.start <= m.end, "a mapping ends before it starts: {m:?}");
+        let perms = if m.executable { "r-xp" } else { "r--p" };
+        let line = format!(
+            "{:x}-{:x} {perms} {:08x} fe:01 1234 {}",
+            m.start, m.end, m.offset, m.path
+        );
+        assert_eq!(parse_maps(&line), [m.clone()], "rendered as {line:?}");
+        if m.is_deleted() {
+            assert!(m.path.ends_with(" (deleted)"));
+        }
+    }
+
+    let mut mappings: Vec<MapEntry> = maps.into_iter().filter(|m| m.executable).collect();
+    mappings.sort_by_key(|m| m.start);
+    let disjoint = mappings.windows(2).all(|w| w[0].end <= w[1].start);
+    let info = ProcessInfo {
+        mappings,
+        root: "/proc/1/root".into(),
+        ..ProcessInfo::default()
+    };
+    for m in &info.mappings {
+        let host = info.host_path(m);
+        assert!(host.starts_with("/proc/1/root"), "{host:?} escapes the root");
+        if disjoint && m.start < m.end {
+            assert_eq!(info.mapping_of(m.start), Some(m), "first address");
+            assert_eq!(info.mapping_of(m.end - 1), Some(m), "last address");
+        }
+        if disjoint {
+            assert!(info.mapping_of(m.end).is_none_or(|n| n.start == m.end));
+        }
+    }
+});
