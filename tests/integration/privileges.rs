@@ -428,7 +428,17 @@ fn thread_caps(pid: u32) -> Vec<ThreadCaps> {
 /// No thread of `pid` may hold what loading needs; network threads hold nothing.
 fn assert_dropped(pid: u32, network_threads: &[&str]) -> Vec<ThreadCaps> {
     let gone = (1u64 << 39) | (1 << 38) | (1 << 21); // CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN
-    let threads = thread_caps(pid);
+    // A new thread names itself once it runs: until then it shows the process's name.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut threads = thread_caps(pid);
+    while !network_threads
+        .iter()
+        .all(|name| threads.iter().any(|t| t.name == *name))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        threads = thread_caps(pid);
+    }
     for t in &threads {
         assert!(
             (t.effective | t.permitted) & gone == 0 && t.no_new_privs,
