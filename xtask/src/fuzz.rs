@@ -5,7 +5,8 @@
 //!
 //! Installs what it needs, idempotently: `cargo-fuzz` (into the cargo home, as bpf-linker) and
 //! uses the preinstalled nightly toolchain (libFuzzer's sanitizer flags need it). The targets are
-//! built into `target/fuzz`, with `AYA_BUILD_SKIP=1`: no target loads eBPF programs. Each target
+//! built into `target/fuzz-build` (optimised) or `target/fuzz-dev` (`--quick`, as `cargo xtask
+//! test` builds them), with `AYA_BUILD_SKIP=1`: no target loads eBPF programs. Each target
 //! grows its corpus in `target/fuzz/corpus/<target>/` from the committed seeds in
 //! `profiler/fuzz/corpus/<target>/` (never written to); crashing inputs land in
 //! `target/fuzz/artifacts/<target>/`, libFuzzer's output in `target/fuzz/logs/<target>.log`.
@@ -21,14 +22,39 @@ use anyhow::{Context as _, bail};
 /// toolchain here and drives the nightly's libFuzzer flags.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
-/// Per-target seconds of `cargo xtask test`: 13 targets, about 3 minutes with their build.
+/// Per-target seconds of `cargo xtask test`: 13 targets, about 2.5 minutes, after a
+/// [`Build::Quick`] build (about 3 minutes from scratch on 2 CPUs).
 pub const TEST_SECONDS: u64 = 10;
 
-/// The flags every build and run gets, so that `cargo fuzz run` reuses the build.
-/// `-O -a`: optimised, with debug assertions and overflow checks (an overflow is a finding).
-/// `--codegen-units 16`: the dependencies (tokio, aya, rustls, blazesym, ...) build in about
-/// half the time of cargo-fuzz's default of 1, for a few percent of executions per second.
-const BUILD_FLAGS: [&str; 5] = ["-O", "-a", "--codegen-units", "16", "--target-dir"];
+/// How the targets are built. Every build and run of one kind gets the same flags and target
+/// directory, so that `cargo fuzz run` reuses the build.
+#[derive(Clone, Copy)]
+pub enum Build {
+    /// `-O -a --codegen-units 16` into `target/fuzz-build`: optimised, with debug assertions and
+    /// overflow checks (an overflow is a finding); about 6.5 minutes from scratch on 2 CPUs.
+    /// For `cargo xtask fuzz`, where the time goes to fuzzing.
+    Optimized,
+    /// `--dev` into `target/fuzz-dev`: unoptimised (debug assertions and overflow checks
+    /// included), a third of the build time for fewer executions per second. For the short
+    /// run of `cargo xtask test`.
+    Quick,
+}
+
+impl Build {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Self::Optimized => &["-O", "-a", "--codegen-units", "16", "--target-dir"],
+            Self::Quick => &["--dev", "--target-dir"],
+        }
+    }
+
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Optimized => "target/fuzz-build",
+            Self::Quick => "target/fuzz-dev",
+        }
+    }
+}
 
 /// What one target did.
 struct Outcome {
@@ -41,7 +67,7 @@ struct Outcome {
 }
 
 /// Runs `only` (or every target) for `seconds` each; fails if any target found a crash.
-pub fn run(root: &Path, seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+pub fn run(root: &Path, seconds: u64, only: Option<&str>, build_kind: Build) -> anyhow::Result<()> {
     if seconds == 0 {
         bail!("--seconds must be at least 1");
     }
@@ -55,7 +81,7 @@ pub fn run(root: &Path, seconds: u64, only: Option<&str>) -> anyhow::Result<()> 
     install_cargo_fuzz()?;
 
     let started = Instant::now();
-    let mut build = cargo_fuzz(root, "build");
+    let mut build = cargo_fuzz(root, "build", build_kind);
     build.args(only);
     super::run(&mut build).context("building the fuzz targets")?;
     println!(
@@ -66,7 +92,7 @@ pub fn run(root: &Path, seconds: u64, only: Option<&str>) -> anyhow::Result<()> 
 
     let mut outcomes = Vec::new();
     for target in &targets {
-        let outcome = run_target(root, target, seconds)?;
+        let outcome = run_target(root, target, seconds, build_kind)?;
         println!(
             "xtask fuzz: {target}: {} executions ({}/s), corpus {}{}",
             outcome.executions,
@@ -116,19 +142,19 @@ fn targets(fuzz_dir: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// `cargo +nightly fuzz <command>` with the shared flags.
-fn cargo_fuzz(root: &Path, command: &str) -> Command {
+fn cargo_fuzz(root: &Path, command: &str, build: Build) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)
         .args(["+nightly", "fuzz", command, "--fuzz-dir", "profiler/fuzz"])
-        .args(BUILD_FLAGS)
-        .arg(root.join("target/fuzz"))
+        .args(build.flags())
+        .arg(root.join(build.dir()))
         .env("AYA_BUILD_SKIP", "1")
         // Set by the `cargo run` that started us; the nightly must be the one that runs.
         .env_remove("RUSTUP_TOOLCHAIN");
     cmd
 }
 
-fn run_target(root: &Path, target: &str, seconds: u64) -> anyhow::Result<Outcome> {
+fn run_target(root: &Path, target: &str, seconds: u64, build: Build) -> anyhow::Result<Outcome> {
     let work = root.join("target/fuzz");
     let corpus = work.join("corpus").join(target);
     let artifacts = work.join("artifacts").join(target);
@@ -146,7 +172,7 @@ fn run_target(root: &Path, target: &str, seconds: u64) -> anyhow::Result<Outcome
     let log_path = logs.join(format!("{target}.log"));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
-    let mut cmd = cargo_fuzz(root, "run");
+    let mut cmd = cargo_fuzz(root, "run", build);
     // The first corpus directory is the one libFuzzer adds new inputs to.
     cmd.arg(target).arg(&corpus).arg(&seeds).arg("--");
     cmd.arg(format!("-max_total_time={seconds}"))
@@ -165,7 +191,7 @@ fn run_target(root: &Path, target: &str, seconds: u64) -> anyhow::Result<Outcome
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    let failure = (!status.success()).then(|| failure_report(target, &text, &log_path));
+    let failure = (!status.success()).then(|| failure_report(target, &text, &log_path, build));
     Ok(Outcome {
         target: target.to_owned(),
         executions: stat("number_of_executed_units"),
@@ -177,7 +203,7 @@ fn run_target(root: &Path, target: &str, seconds: u64) -> anyhow::Result<Outcome
 
 /// What a failed target printed that matters (the panic or sanitizer report), where the input
 /// is, and the command that runs it again.
-fn failure_report(target: &str, log: &str, log_path: &Path) -> String {
+fn failure_report(target: &str, log: &str, log_path: &Path, build: Build) -> String {
     let input = log
         .lines()
         .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()))
@@ -201,8 +227,9 @@ fn failure_report(target: &str, log: &str, log_path: &Path) -> String {
             let _ = writeln!(report, "  crashing input: {}", input.display());
             let _ = writeln!(
                 report,
-                "  reproduce: AYA_BUILD_SKIP=1 cargo +nightly fuzz run --fuzz-dir profiler/fuzz {} target/fuzz {target} {}",
-                BUILD_FLAGS.join(" "),
+                "  reproduce: AYA_BUILD_SKIP=1 cargo +nightly fuzz run --fuzz-dir profiler/fuzz {} {} {target} {}",
+                build.flags().join(" "),
+                build.dir(),
                 input.display()
             );
         }

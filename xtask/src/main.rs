@@ -74,6 +74,10 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Build unoptimised (a third of the build time, fewer executions per second), as
+        /// `cargo xtask test` does.
+        #[arg(long)]
+        quick: bool,
         /// Only this target (for example `proc_maps`); default: every target.
         target: Option<String>,
     },
@@ -96,7 +100,18 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { seconds } => demo(&root, seconds),
         Task::Test { args } => test(&root, &args),
         Task::GenTables => tables::generate(&root),
-        Task::Fuzz { seconds, target } => fuzz::run(&root, seconds, target.as_deref()),
+        Task::Fuzz {
+            seconds,
+            quick,
+            target,
+        } => {
+            let build = if quick {
+                fuzz::Build::Quick
+            } else {
+                fuzz::Build::Optimized
+            };
+            fuzz::run(&root, seconds, target.as_deref(), build)
+        }
         Task::Soak { minutes, rate } => {
             let cprof = build(&root)?;
             require_root("the soak loads eBPF programs")?;
@@ -242,7 +257,7 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         bail!("no test ran");
     }
     if args.is_empty() {
-        fuzz::run(root, fuzz::TEST_SECONDS, None)
+        fuzz::run(root, fuzz::TEST_SECONDS, None, fuzz::Build::Quick)
     } else {
         println!("xtask: a test filter was given; not fuzzing");
         Ok(())
