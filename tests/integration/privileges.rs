@@ -363,14 +363,7 @@ fn agent_as_nobody_with_the_documented_capabilities() {
         cpu.len(),
         window.display()
     );
-    assert!(
-        in_work * 100 > total * 90 && total > 50,
-        "user frames symbolized: {in_work} of {total}"
-    );
-    assert!(
-        in_vfs_read * 100 > k_total * 80 && k_total > 50,
-        "kernel frames symbolized: {in_vfs_read} of {k_total}"
-    );
+    assert_symbolized((total, in_work), (k_total, in_vfs_read));
 
     let before = BpfObjects::now();
     let out = stage
@@ -425,6 +418,19 @@ fn thread_caps(pid: u32) -> Vec<ThreadCaps> {
     out
 }
 
+/// At least 90% of the user workload's samples under `cpu_work`, 80% of the kernel workload's
+/// under `vfs_read`, and more than 50 samples of each: (samples, of them symbolized).
+fn assert_symbolized((total, in_work): (i64, i64), (k_total, in_vfs_read): (i64, i64)) {
+    assert!(
+        in_work * 100 > total * 90 && total > 50,
+        "user frames symbolized: {in_work} of {total}"
+    );
+    assert!(
+        in_vfs_read * 100 > k_total * 80 && k_total > 50,
+        "kernel frames symbolized: {in_vfs_read} of {k_total}"
+    );
+}
+
 /// No thread of `pid` may hold what loading needs; network threads hold nothing.
 fn assert_dropped(pid: u32, network_threads: &[&str]) -> Vec<ThreadCaps> {
     let gone = (1u64 << 39) | (1 << 38) | (1 << 21); // CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN
@@ -472,14 +478,7 @@ fn record_drops_capabilities_once_attached_and_stays_complete() {
     eprintln!(
         "record after the drop: cpu_work {in_work}/{total}, vfs_read {in_vfs_read}/{k_total}"
     );
-    assert!(
-        in_work * 100 > total * 90 && total > 50,
-        "user frames symbolized: {in_work} of {total}"
-    );
-    assert!(
-        in_vfs_read * 100 > k_total * 80 && k_total > 50,
-        "kernel frames symbolized: {in_vfs_read} of {k_total}"
-    );
+    assert_symbolized((total, in_work), (k_total, in_vfs_read));
 }
 
 #[test]
@@ -523,14 +522,7 @@ fn agent_drops_capabilities_once_attached_and_keeps_symbolizing() {
         "agent window {} after the drop: cpu_work {in_work}/{total}, vfs_read {in_vfs_read}/{k_total}",
         window.display()
     );
-    assert!(
-        in_work * 100 > total * 90 && total > 50,
-        "user frames symbolized: {in_work} of {total}"
-    );
-    assert!(
-        in_vfs_read * 100 > k_total * 80 && k_total > 50,
-        "kernel frames symbolized: {in_vfs_read} of {k_total}"
-    );
+    assert_symbolized((total, in_work), (k_total, in_vfs_read));
 }
 
 /// `strace` of a recording of every process: `/proc/<pid>/maps` of the target is opened (the

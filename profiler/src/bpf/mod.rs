@@ -356,21 +356,11 @@ impl Probes {
         {
             // Pause the off-CPU programs first: the drain after this flip then holds every
             // wait that refers to the stacks about to be cleared.
-            self.active_buffer
-                .set(m::OFFCPU_PAUSED, 1, 0)
-                .map_err(|source| BpfError::Map {
-                    name: m::ACTIVE_BUFFER,
-                    source,
-                })?;
+            set_control(&mut self.active_buffer, m::OFFCPU_PAUSED, 1)?;
             offcpu.paused = true;
         }
         let next = 1 - self.active;
-        self.active_buffer
-            .set(0, next, 0)
-            .map_err(|source| BpfError::Map {
-                name: m::ACTIVE_BUFFER,
-                source,
-            })?;
+        set_control(&mut self.active_buffer, 0, next)?;
         self.active = next;
         Ok(())
     }
@@ -394,12 +384,7 @@ impl Probes {
             if offcpu.paused {
                 offcpu.reset();
                 offcpu.paused = false;
-                self.active_buffer
-                    .set(m::OFFCPU_PAUSED, 0, 0)
-                    .map_err(|source| BpfError::Map {
-                        name: m::ACTIVE_BUFFER,
-                        source,
-                    })?;
+                set_control(&mut self.active_buffer, m::OFFCPU_PAUSED, 0)?;
             }
         }
         if let Some(tcp) = &mut self.tcp {
@@ -490,6 +475,16 @@ impl Probes {
         }
         Ok(stats)
     }
+}
+
+/// Sets word `index` of the programs' control array (`ACTIVE_BUFFER`).
+fn set_control(control: &mut Array<MapData, u32>, index: u32, value: u32) -> Result<(), BpfError> {
+    control
+        .set(index, value, 0)
+        .map_err(|source| BpfError::Map {
+            name: m::ACTIVE_BUFFER,
+            source,
+        })
 }
 
 /// Loads the object with the globals and map sizes `options` ask for.
