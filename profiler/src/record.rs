@@ -69,15 +69,15 @@ pub async fn record(config: &RecordConfig) -> anyhow::Result<RecordReport> {
     let out = output::prepare_dir(&config.output_dir)?;
     let mut rec = Session::start(config, false)?;
 
+    // Handlers first: from the line saying it records, a signal ends the recording cleanly.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let started_wall = SystemTime::now();
     let started = Instant::now();
     eprintln!(
         "cprof: recording {}; Ctrl-C to stop early",
         describe(config)
     );
-
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
     let mut drain_tick = tokio::time::interval(config.drain_interval);
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
