@@ -17,10 +17,10 @@ fuzz_target!(|data: &[u8]| {
     for m in &maps {
         assert!(m.start <= m.end, "a mapping ends before it starts: {m:?}");
         let perms = if m.executable { "r-xp" } else { "r--p" };
-        // The kernel's device encoding (`new_decode_dev`): major 12 bits, minor 20 bits.
+        // glibc's `makedev` layout of 32-bit major and minor numbers (`gnu_dev_major/minor`).
         let (major, minor) = (
-            ((m.dev >> 8) & 0xfff) | ((m.dev >> 32) & !0xfff),
-            (m.dev & 0xff) | ((m.dev >> 12) & !0xff),
+            ((m.dev >> 8) & 0xfff) | ((m.dev >> 32) & 0xffff_f000),
+            (m.dev & 0xff) | ((m.dev >> 12) & 0xffff_ff00),
         );
         let line = format!(
             "{:x}-{:x} {perms} {:08x} {major:x}:{minor:x} {} {}",
