@@ -36,7 +36,7 @@ use blazesym::symbolize::{self, Symbolizer, source};
 use tokio::sync::oneshot;
 
 use crate::pprof::FrameLine;
-use crate::target_file::{self, FileSpec, Root};
+use crate::target_file::{self, FileKey, FileSpec, Root};
 use crate::{elf_vet, sigbus};
 
 /// The frames of one address, innermost (inlined) function first; empty when unknown.
@@ -291,24 +291,6 @@ impl Drop for SymbolizerThread {
     }
 }
 
-/// A mapped file as the thread keeps it: device, inode and path in the target.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct FileKey {
-    dev: u64,
-    inode: u64,
-    path: String,
-}
-
-impl FileKey {
-    fn of(spec: &FileSpec) -> Self {
-        Self {
-            dev: spec.dev,
-            inode: spec.inode,
-            path: spec.path.clone(),
-        }
-    }
-}
-
 /// A file blazesym may parse: the open descriptor it reaches through `/proc/self/fd/<n>`
 /// (the target's file itself, or a sealed snapshot of it), held open as long as blazesym may
 /// have it cached. blazesym keys its cache by the `stat` of that path (device, inode, size,
@@ -419,7 +401,7 @@ impl State {
             frames: vec![Vec::new(); offsets.len()],
             build_id: None,
         };
-        let key = FileKey::of(spec);
+        let key = FileKey::of_spec(spec);
         if self.refused.contains_key(&key) {
             return unknown();
         }

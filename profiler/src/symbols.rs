@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use crate::pprof::{FastMap, FrameLine, LabelValue, MappingInfo, PprofBuilder};
 use crate::procfs::{self, MapEntry, ProcessInfo, Roots};
 use crate::symbolize::{Batch, Frames, RefusalCounts, SymbolizerThread};
-use crate::target_file::FileSpec;
+use crate::target_file::{FileKey, FileSpec};
 
 /// Counts of what could not be resolved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,24 +21,6 @@ pub struct SymbolStats {
     /// Known pids found running another process (pid reused, or `exec`): their maps were read
     /// again.
     pub processes_replaced: u64,
-}
-
-/// A mapped file: device and inode from the `maps` line, and its path in the process.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct FileKey {
-    dev: u64,
-    inode: u64,
-    path: String,
-}
-
-impl FileKey {
-    fn of(entry: &MapEntry) -> Self {
-        Self {
-            dev: entry.dev,
-            inode: entry.inode,
-            path: entry.file_path().to_owned(),
-        }
-    }
 }
 
 /// Where a user address lives: the file and the offset in it, as symbolization wants it.
@@ -169,7 +151,12 @@ impl Symbols {
             .processes
             .values()
             .flatten()
-            .flat_map(|p| p.mappings.iter().filter(|m| m.is_file()).map(FileKey::of))
+            .flat_map(|p| {
+                p.mappings
+                    .iter()
+                    .filter(|m| m.is_file())
+                    .map(FileKey::of_mapping)
+            })
             .collect();
         self.user.retain(|fa, _| in_use.contains(&fa.file));
         self.build_ids.retain(|file, _| in_use.contains(file));
@@ -297,7 +284,7 @@ fn file_addr(info: &ProcessInfo, addr: u64) -> Option<FileAddr> {
         return None;
     }
     Some(FileAddr {
-        file: FileKey::of(entry),
+        file: FileKey::of_mapping(entry),
         offset: addr - entry.start + entry.offset,
     })
 }
@@ -441,7 +428,7 @@ impl<'s> StackWriter<'s> {
         let build_id = self
             .symbols
             .build_ids
-            .get(&FileKey::of(entry))
+            .get(&FileKey::of_mapping(entry))
             .cloned()
             .unwrap_or_default();
         let id = self.builder.add_mapping(&MappingInfo {

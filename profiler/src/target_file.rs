@@ -45,6 +45,35 @@ pub enum Root {
     Theirs(Arc<OwnedFd>),
 }
 
+/// A mapped file as both the symbolizer thread and the symbol caches key it: device and inode
+/// from the `maps` line, and its path in the process (without ` (deleted)`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: u64,
+    pub inode: u64,
+    pub path: String,
+}
+
+impl FileKey {
+    #[must_use]
+    pub fn of_spec(spec: &FileSpec) -> Self {
+        Self {
+            dev: spec.dev,
+            inode: spec.inode,
+            path: spec.path.clone(),
+        }
+    }
+
+    #[must_use]
+    pub fn of_mapping(entry: &crate::procfs::MapEntry) -> Self {
+        Self {
+            dev: entry.dev,
+            inode: entry.inode,
+            path: entry.file_path().to_owned(),
+        }
+    }
+}
+
 /// One mapped file as a process sees it, with what is needed to open it safely.
 #[derive(Clone, Debug)]
 pub struct FileSpec {
