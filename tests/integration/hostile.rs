@@ -107,14 +107,7 @@ struct Measured {
     reason = "reaped by wait4, which also returns its rusage"
 )]
 fn record_measured(args: &[&str], dir: &Path) -> Measured {
-    let mut child = crate::util::cprof()
-        .arg("record")
-        .args(args)
-        .arg("--output")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = crate::util::record_command(args, dir)
         .spawn()
         .expect("running cprof");
     let read = |mut r: Box<dyn std::io::Read + Send>| {

@@ -260,6 +260,19 @@ pub fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     rx
 }
 
+/// `cprof record <args> --output <dir>`, stdin closed, stdout and stderr piped.
+pub fn record_command(args: &[&str], dir: &Path) -> Command {
+    let mut cmd = cprof();
+    cmd.arg("record")
+        .args(args)
+        .arg("--output")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 /// A `cprof record` running in the background, started once it reports that it is recording.
 pub struct Recording {
     child: Child,
@@ -268,16 +281,7 @@ pub struct Recording {
 
 impl Recording {
     pub fn start(args: &[&str], dir: &Path) -> Self {
-        let mut child = cprof()
-            .arg("record")
-            .args(args)
-            .arg("--output")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running cprof");
+        let mut child = record_command(args, dir).spawn().expect("running cprof");
         let rx = stderr_lines(&mut child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
